@@ -79,6 +79,10 @@ def quantize(
         )
     if not x.is_floating_point() or x.dtype.itemsize > 4:
         raise ValueError(f"quantize expects a fp32, bf16 or fp16 tensor, got {x.dtype}.")
+    if not -max(x.ndim, 1) <= axis < max(x.ndim, 1):
+        raise IndexError(f"axis {axis} is out of range for a {x.ndim}-D tensor.")
+    if x.numel() == 0:
+        return x.clone()
     if fmt.scaling == "tensor":
         return _quantize_tensorwise(x, fmt, rounding, generator)
     return _quantize_blockwise(x, fmt, axis, rounding, generator)
@@ -143,7 +147,8 @@ def _quantize_tensorwise(
     x: Tensor, fmt: Format, rounding: str, generator: torch.Generator | None
 ) -> Tensor:
     amax = torch.maximum(x.amax(), -x.amin()).float()
-    scale = fmt.max / amax.clamp(min=_TENSOR_AMAX_FLOOR)
+    # A true division: `float / tensor` would multiply by the reciprocal and round twice.
+    scale = torch.full_like(amax, fmt.max) / amax.clamp(min=_TENSOR_AMAX_FLOOR)
     values = x.to(torch.float32, copy=True).mul_(scale)  # the one fresh fp32 buffer
     _round_elements_(values, fmt, rounding, generator)
     values.div_(scale).masked_fill_(~torch.isfinite(amax), torch.nan)
@@ -174,7 +179,9 @@ def _round_elements_(
     if rounding == "even":
         v.round_()
     elif rounding == "nearest":
-        v.add_(0.5).floor_()
+        # Not floor(v + 0.5): the sum rounds in fp32 and lifts 0.5 - 2**-25 to 1.
+        round_up = v.frac().ge_(0.5)
+        v.floor_().add_(round_up)
     else:
         draws = torch.rand(v.shape, generator=generator, device=v.device)
         round_up = draws.lt_(v.frac())
