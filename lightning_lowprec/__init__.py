@@ -1,13 +1,19 @@
 """lightning-lowprec: stable low-precision training for PyTorch Lightning and LitGPT."""
 
 from lightning_lowprec.formats import FORMATS, Format, parse
+from lightning_lowprec.nn import QuantizedLinear, quantize_linears
+from lightning_lowprec.plugin import LowPrecision, LowPrecisionPlugin
 from lightning_lowprec.quantize import quantize, quantize_ste
 
 __all__ = [
     "FORMATS",
     "Format",
+    "LowPrecision",
+    "LowPrecisionPlugin",
+    "QuantizedLinear",
     "parse",
     "quantize",
+    "quantize_linears",
     "quantize_ste",
 ]
 

@@ -1,0 +1,362 @@
+"""Linear layers whose matmuls run on MX/FP8-quantized operands (emulated).
+
+:class:`QuantizedLinear` is an ``nn.Linear`` whose forward multiplies fake-quantized operands:
+the input and the weight are rounded onto a format's grid with MX blocks running along
+``in_features``, the reduction axis of the matmul, as MX hardware would see them. The matmul
+itself runs in the working dtype, which is exact for the quantized values up to the
+accumulation order.
+
+:func:`quantize_linears` turns the ``nn.Linear`` layers of any model into ``QuantizedLinear``
+in place, keeping every Parameter object, so an optimizer built beforehand still trains the
+model and the ``state_dict`` does not change. The Lightning plugins in
+:mod:`lightning_lowprec.plugin` call it; it needs no Lightning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lightning_lowprec.formats import Format, parse
+from lightning_lowprec.quantize import ROUNDING_MODES, Rounding, quantize, quantize_ste
+
+__all__ = ["QuantizedLinear", "quantize_linears"]
+
+DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head",)
+"""Layers left in full precision by default: the LM head, as FP8/MX recipes commonly do."""
+
+
+class QuantizedLinear(nn.Linear):
+    """An ``nn.Linear`` whose matmuls multiply MX/FP8 fake-quantized operands.
+
+    Same parameters, parameter names and ``state_dict`` as ``nn.Linear``; a checkpoint loads
+    into either class. The bias is added in the working dtype and never quantized.
+
+    Forward: ``y = Q_a(x) @ Q_w(W).T + b`` with the blocks of both ``Q`` along ``in_features``.
+
+    Backward, ``quantize_backward=False`` (default, as in the LMD paper): straight-through. The
+    gradients are those of the matmul of the quantized operands, computed in the working
+    dtype: ``dx = g @ Q_w(W)`` and ``dW = g.T @ Q_a(x)``. The backward keeps the quantized
+    copies of ``x`` and ``W``: one activation-sized and one weight-sized tensor per layer more
+    than a plain ``nn.Linear``, which keeps references to tensors that exist anyway.
+
+    Backward, ``quantize_backward=True``: both backward matmuls also run on quantized
+    operands, each blocked along its own reduction axis (as ``microxcaling``'s ``mx.Linear``):
+    ``dW = Q_g(g).T @ Q_a(x)`` with ``g`` and ``x`` blocked along the tokens (all leading
+    dimensions flattened), and ``dx = Q_g(g) @ Q_w(W)`` with ``g`` and ``W`` blocked along
+    ``out_features``. The bias gradient is not quantized. Only ``x`` and ``W`` themselves are
+    saved; their quantized versions are recomputed in the backward.
+
+    Under ``torch.autocast`` the operands are first cast to the autocast dtype, as autocast
+    would cast them for ``F.linear``, and quantized in that dtype.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
+        fmt: the format of every operand, a name from :data:`lightning_lowprec.FORMATS`
+            (``"mxfp8_e4m3"``, ``"mxfp6_e2m3"``, ...); ``w_fmt``/``a_fmt``/``g_fmt`` override it
+            per operand.
+        w_fmt: format of the weight.
+        a_fmt: format of the input activations.
+        g_fmt: format of the output gradient; only with ``quantize_backward=True``.
+        quantize_backward: quantize the backward matmuls too (see above).
+        rounding: ``"even"``, ``"nearest"`` or ``"stochastic"``; see
+            :func:`lightning_lowprec.quantize`.
+
+    Raises:
+        ValueError: an unknown format or rounding mode, a missing format, or ``g_fmt`` without
+            ``quantize_backward=True``.
+    """
+
+    w_fmt: Format
+    a_fmt: Format
+    g_fmt: Format | None
+    quantize_backward: bool
+    rounding: Rounding
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        fmt: str | Format | None = None,
+        w_fmt: str | Format | None = None,
+        a_fmt: str | Format | None = None,
+        g_fmt: str | Format | None = None,
+        quantize_backward: bool = False,
+        rounding: Rounding = "even",
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._configure(
+            *_resolve_formats(fmt, w_fmt, a_fmt, g_fmt, quantize_backward),
+            quantize_backward,
+            _check_rounding(rounding),
+        )
+
+    def _configure(
+        self,
+        w_fmt: Format,
+        a_fmt: Format,
+        g_fmt: Format | None,
+        quantize_backward: bool,
+        rounding: Rounding,
+    ) -> None:
+        """Set the quantization settings (already validated); used on re-classed layers too."""
+        self.w_fmt, self.a_fmt, self.g_fmt = w_fmt, a_fmt, g_fmt
+        self.quantize_backward = quantize_backward
+        self.rounding = rounding
+
+    def forward(self, input: Tensor) -> Tensor:
+        x, weight, bias = input, self.weight, self.bias
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return self._quantized_linear(x, weight, bias)
+        # Cast as autocast casts F.linear's operands, then quantize in that dtype; the matmul
+        # below runs with autocast off so that nothing is cast again.
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return self._quantized_linear(x, weight, bias)
+
+    def _quantized_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if self.quantize_backward:
+            return _QuantizedLinearFunction.apply(
+                x, weight, bias, self.w_fmt, self.a_fmt, self.g_fmt, self.rounding
+            )
+        x_q = quantize_ste(x, self.a_fmt, -1, self.rounding)
+        w_q = quantize_ste(weight, self.w_fmt, -1, self.rounding)
+        return F.linear(x_q, w_q, bias)
+
+    def extra_repr(self) -> str:
+        formats = {"w_fmt": self.w_fmt, "a_fmt": self.a_fmt, "g_fmt": self.g_fmt}
+        if self.g_fmt is None:
+            del formats["g_fmt"]
+        if len(set(formats.values())) == 1:
+            shown = f"fmt={self.w_fmt.name}"
+        else:
+            shown = ", ".join(f"{key}={f.name}" for key, f in formats.items())
+        extra = f", quantize_backward={self.quantize_backward}"
+        if self.rounding != "even":
+            extra += f", rounding={self.rounding}"
+        return f"{super().extra_repr()}, {shown}{extra}"
+
+
+class _QuantizedLinearFunction(torch.autograd.Function):
+    """``F.linear`` with all three matmuls (forward, input and weight gradient) quantized."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w_fmt, a_fmt, g_fmt, rounding):
+        ctx.save_for_backward(x, weight)
+        ctx.settings = (w_fmt, a_fmt, g_fmt, rounding)
+        ctx.has_bias = bias is not None
+        x_q = quantize(x, a_fmt, -1, rounding)
+        w_q = quantize(weight, w_fmt, -1, rounding)
+        return F.linear(x_q, w_q, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        w_fmt, a_fmt, g_fmt, rounding = ctx.settings
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # dx = g @ W sums over out_features: g along its last axis, W (out, in) along 0.
+            grad_x = quantize(grad_out, g_fmt, -1, rounding) @ quantize(weight, w_fmt, 0, rounding)
+        tokens_g = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            # dW = g.T @ x sums over the tokens: both blocked along the (flattened) token axis.
+            tokens_x = x.reshape(-1, x.shape[-1])
+            grad_w = quantize(tokens_g, g_fmt, 0, rounding).T @ quantize(
+                tokens_x, a_fmt, 0, rounding
+            )
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = tokens_g.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def quantize_linears(
+    model: nn.Module,
+    fmt: str | Format | None = None,
+    *,
+    w_fmt: str | Format | None = None,
+    a_fmt: str | Format | None = None,
+    g_fmt: str | Format | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE,
+    quantize_backward: bool = False,
+    rounding: Rounding = "even",
+) -> list[str]:
+    """Turn the selected ``nn.Linear`` layers of ``model`` into :class:`QuantizedLinear`, in place.
+
+    Each selected layer is re-classed (``layer.__class__ = QuantizedLinear``): the module
+    objects, their Parameter objects and the ``state_dict`` stay the same, so optimizers,
+    hooks and references built earlier keep working. ``model`` itself is never replaced (it
+    is re-classed if it is itself a selected ``nn.Linear``).
+
+    Which layers: every module whose type is exactly ``nn.Linear``, also under a
+    ``torch.nn.utils.parametrize`` parametrization such as learnable multipliers (the layer then
+    quantizes the effective weight), and every ``QuantizedLinear`` (re-configured with these
+    settings), that ``include`` selects and ``exclude`` does not. Other ``nn.Linear``
+    subclasses keep their own forward and are left alone; embeddings and norms are never
+    touched.
+
+    Pattern rule: patterns are ``fnmatch`` globs (``*``, ``?``, ``[seq]``; ``*`` also matches
+    dots) over the qualified names of ``model.named_modules()``. A pattern selects a layer
+    when it matches the layer's name or the name of a module containing it, either whole or
+    as a trailing run of dotted components. So ``"lm_head"`` matches ``lm_head`` and
+    ``gpt.lm_head``, ``"attn"`` matches every Linear inside any ``...attn`` module,
+    ``"transformer.h.0"`` matches all Linears of that block, and ``"*.proj"`` every ``proj``.
+
+    Args:
+        model: any ``nn.Module``.
+        fmt, w_fmt, a_fmt, g_fmt, quantize_backward, rounding: as for :class:`QuantizedLinear`.
+        include: patterns of the layers to quantize; ``None`` selects every Linear.
+        exclude: patterns of the layers to leave alone; applied after ``include``. The default
+            leaves a language model's head (``lm_head``) in full precision.
+
+    Returns:
+        The qualified names of the layers that are now quantized with these settings.
+
+    Raises:
+        ValueError: bad settings (see :class:`QuantizedLinear`), a pattern that is not a string,
+            or no layer selected (the message lists the model's Linear layers).
+
+    Warns:
+        UserWarning: for each pattern in ``include`` or ``exclude`` that matches no Linear
+            (except the default ``exclude``, which many models have no match for).
+    """
+    formats = _resolve_formats(fmt, w_fmt, a_fmt, g_fmt, quantize_backward)
+    rounding = _check_rounding(rounding)
+    include_patterns = _check_patterns("include", include)
+    exclude_patterns = _check_patterns("exclude", exclude)
+
+    linears = {
+        name: module
+        for name, module in model.named_modules()
+        if _layer_class(module) is nn.Linear or isinstance(module, QuantizedLinear)
+    }
+    checked = list(include_patterns or ())
+    if exclude_patterns != DEFAULT_EXCLUDE:
+        checked += exclude_patterns
+    for pattern in checked:
+        if not any(_matches(name, (pattern,)) for name in linears):
+            warnings.warn(
+                f"The module-name pattern {pattern!r} matches no Linear layer of "
+                f"{type(model).__name__}; Linear layers: {_listing(linears)}.",
+                stacklevel=2,
+            )
+
+    selected = [
+        name
+        for name in linears
+        if (include_patterns is None or _matches(name, include_patterns))
+        and not _matches(name, exclude_patterns)
+    ]
+    if not selected:
+        raise ValueError(
+            f"No Linear layer of {type(model).__name__} is selected for quantization "
+            f"(include={include!r}, exclude={exclude!r}). Linear layers: {_listing(linears)}."
+        )
+    for name in selected:
+        layer = linears[name]
+        if not isinstance(layer, QuantizedLinear):
+            layer.__class__ = _quantized_class(type(layer))
+        layer._configure(*formats, quantize_backward, rounding)
+    return selected
+
+
+def _layer_class(module: nn.Module) -> type:
+    """The module's class, seen through torch's parametrization wrapper class if it has one."""
+    cls = type(module)
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+
+
+def _quantized_class(cls: type) -> type:
+    """The class that makes an ``nn.Linear`` (``cls``, possibly parametrized) quantized.
+
+    ``torch.nn.utils.parametrize`` gives each parametrized module its own subclass holding the
+    parametrized tensors as properties (``ParametrizedLinear``); the same namespace over
+    ``QuantizedLinear`` keeps them, so the layer quantizes the effective weight, and removing
+    the parametrization later leaves a ``QuantizedLinear``.
+    """
+    if cls is nn.Linear:
+        return QuantizedLinear
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    return type(f"Parametrized{QuantizedLinear.__name__}", (QuantizedLinear,), namespace)
+
+
+def _resolve_formats(
+    fmt: str | Format | None,
+    w_fmt: str | Format | None,
+    a_fmt: str | Format | None,
+    g_fmt: str | Format | None,
+    quantize_backward: bool,
+) -> tuple[Format, Format, Format | None]:
+    """Validate the format arguments; return (weight, activation, gradient or None) formats."""
+    if not isinstance(quantize_backward, bool):
+        raise ValueError(f"quantize_backward must be True or False, got {quantize_backward!r}.")
+    if g_fmt is not None and not quantize_backward:
+        raise ValueError(
+            f"g_fmt={g_fmt!r} only applies with quantize_backward=True: the default backward "
+            "runs in the working dtype."
+        )
+    w_fmt = fmt if w_fmt is None else w_fmt
+    a_fmt = fmt if a_fmt is None else a_fmt
+    g_fmt = (fmt if g_fmt is None else g_fmt) if quantize_backward else None
+    if w_fmt is None or a_fmt is None or (quantize_backward and g_fmt is None):
+        raise ValueError(
+            "No number format given: pass fmt (e.g. 'mxfp6_e2m3'), or w_fmt and a_fmt "
+            "(and g_fmt with quantize_backward=True)."
+        )
+    return parse(w_fmt), parse(a_fmt), None if g_fmt is None else parse(g_fmt)
+
+
+def _check_rounding(rounding: str) -> Rounding:
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(
+            f"Unknown rounding {rounding!r}. Valid modes: {', '.join(ROUNDING_MODES)}."
+        )
+    return rounding
+
+
+def _check_patterns(arg: str, patterns: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """Normalise include/exclude to a tuple of strings (a lone string is one pattern)."""
+    if patterns is None:
+        return None if arg == "include" else ()
+    if isinstance(patterns, str):
+        return (patterns,)
+    patterns = tuple(patterns)
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(
+                f"{arg} must be module-name patterns (strings), got {pattern!r} in {patterns!r}."
+            )
+    return patterns
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a pattern matches ``name`` or a containing module's name (see quantize_linears)."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
+    return any(
+        fnmatchcase(prefix, pattern) or fnmatchcase(prefix, "*." + pattern)
+        for prefix in prefixes
+        for pattern in patterns
+    )
+
+
+def _listing(linears: dict[str, nn.Module], limit: int = 12) -> str:
+    """The first ``limit`` layer names, for error messages."""
+    names = [name or "<the model itself>" for name in linears]
+    if not names:
+        return "none"
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
