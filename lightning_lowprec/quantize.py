@@ -30,6 +30,7 @@ draws come from ``generator``).
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -118,16 +119,21 @@ def quantize_ste(
 def _quantize_blockwise(
     x: Tensor, fmt: Format, axis: int, rounding: str, generator: torch.Generator | None
 ) -> Tensor:
+    # View x as (before, axis, after) and cut the axis into blocks in place: (before, blocks,
+    # 32, after), reduced over dim 2. No axis is moved, so a contiguous x is never copied
+    # (whatever the axis) and the output keeps x's layout.
     axis = axis % x.ndim if x.ndim else 0
-    moved = x.movedim(axis, -1) if x.ndim else x.reshape(1)
-    length = moved.shape[-1]
+    length = x.shape[axis] if x.ndim else 1
+    after = math.prod(x.shape[axis + 1 :])
+    # The last axis keeps a 2-D view: a trailing dimension of size 1 slows the kernels down.
+    grouped = x.reshape(-1, length, after) if after > 1 else x.reshape(-1, length)
     pad = -length % fmt.block_size
     if pad:
-        moved = torch.nn.functional.pad(moved, (0, pad))
-    blocks = moved.reshape(*moved.shape[:-1], -1, fmt.block_size)
+        grouped = torch.nn.functional.pad(grouped, (0, 0, 0, pad) if after > 1 else (0, pad))
+    blocks = grouped.unflatten(1, (-1, fmt.block_size))
 
     # max(amax, -amin) is one cheap pass each and propagates NaN; abs() would allocate a copy.
-    amax = torch.maximum(blocks.amax(-1, keepdim=True), -blocks.amin(-1, keepdim=True)).float()
+    amax = torch.maximum(blocks.amax(2, keepdim=True), -blocks.amin(2, keepdim=True)).float()
     # floor(log2(amax)) straight from the exponent bits: exact, and 0 / subnormal amax land at
     # -127 or below, which E8M0's lower limit clamps anyway.
     amax_exp = (amax.view(torch.int32) >> _F32_MANT_BITS) - _F32_BIAS
@@ -136,11 +142,10 @@ def _quantize_blockwise(
     _round_elements_(values, fmt, rounding, generator)
     values.mul_(_exp2(shared_exp)).masked_fill_(~torch.isfinite(amax), torch.nan)
 
-    out = values.reshape(*values.shape[:-2], -1)
+    out = values.flatten(1, 2)
     if pad:
-        out = out[..., :length]
-    out = out.to(x.dtype)
-    return out.movedim(-1, axis) if x.ndim else out.reshape(())
+        out = out[:, :length]
+    return out.to(x.dtype).reshape(x.shape)
 
 
 def _quantize_tensorwise(
