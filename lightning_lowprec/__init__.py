@@ -2,14 +2,18 @@
 
 from lightning_lowprec.formats import FORMATS, Format, parse
 from lightning_lowprec.nn import QuantizedLinear, quantize_linears
+from lightning_lowprec.optim import LMD, Madam, MPlusAdam
 from lightning_lowprec.plugin import LowPrecision, LowPrecisionPlugin
 from lightning_lowprec.quantize import quantize, quantize_ste
 
 __all__ = [
     "FORMATS",
     "Format",
+    "LMD",
     "LowPrecision",
     "LowPrecisionPlugin",
+    "MPlusAdam",
+    "Madam",
     "QuantizedLinear",
     "parse",
     "quantize",

@@ -1,0 +1,130 @@
+"""Optimizer step time and state memory on the parameter shapes of a ~70M LitGPT model.
+
+Compares LMD, M+Adam and Madam (eager ``foreach`` and ``compiled`` paths) against
+``torch.optim.AdamW`` with ``foreach=True`` and ``fused=True``, in one process, as ratios to
+fused AdamW. The shapes come from ``litgpt.Config.from_name(model)`` built on the meta device
+(no download); weights are initialised like LitGPT does (normal 0.02, norm weights 1, biases
+0), gradients are fixed random tensors. Each time is the minimum over ``--repeats`` steps
+after ``--warmup`` steps (which include compilation). For LMD, "step" is ``optimizer.step()``
+and "sample+step" adds the ``sample_()`` that precedes every forward pass when training with
+noise: the per-iteration optimizer cost.
+
+Run: ``OMP_NUM_THREADS=1 python -m benchmarks.optim [--threads 1] [--device cuda]``.
+Prints a table and writes ``benchmarks/results/optim.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from collections.abc import Callable
+
+import torch
+
+from benchmarks.timing import best_time, print_table, write_json
+from lightning_lowprec import LMD, Madam, MPlusAdam
+
+
+def model_shapes(name: str) -> list[tuple[str, torch.Size]]:
+    from litgpt.model import GPT, Config
+
+    with torch.device("meta"):
+        model = GPT(Config.from_name(name))
+    return [(n, p.shape) for n, p in model.named_parameters()]
+
+
+def make_params(shapes, device: torch.device, seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for name, shape in shapes:
+        if len(shape) >= 2:
+            w = torch.randn(shape, generator=g) * 0.02
+        elif name.endswith("bias"):
+            w = torch.zeros(shape)
+        else:
+            w = torch.ones(shape)
+        p = torch.nn.Parameter(w.to(device))
+        p.grad = (torch.randn(shape, generator=g) * 1e-3).to(device)
+        params.append(p)
+    return params
+
+
+def candidates() -> dict[str, Callable]:
+    return {
+        "AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+        "AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+        "LMD foreach": lambda ps: LMD(ps, seed=0),
+        "LMD compiled": lambda ps: LMD(ps, seed=0, compiled=True),
+        "M+Adam foreach": lambda ps: MPlusAdam(ps, seed=0),
+        "M+Adam compiled": lambda ps: MPlusAdam(ps, seed=0, compiled=True),
+        "M+Adam bf16-SR compiled": lambda ps: MPlusAdam(
+            ps, seed=0, storage="bf16", rounding="stochastic", compiled=True),
+        "Madam foreach": lambda ps: Madam(ps),
+        "Madam compiled": lambda ps: Madam(ps, compiled=True),
+    }
+
+
+def timed(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
+    """Minimum wall time of ``fn`` in ms, waiting for the device at the end of each call."""
+
+    def call() -> None:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return best_time(call, repeat=repeats, warmup=warmup)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(v.nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="pythia-70m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", nargs="*", help="subset of optimizer names")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    shapes = model_shapes(args.model)
+    numel = sum(s.numel() for _, s in shapes)
+    rows = []
+    for name, build in candidates().items():
+        if args.only and name not in args.only:
+            continue
+        params = make_params(shapes, device)
+        opt = build(params)
+        step_ms = timed(opt.step, device, args.warmup, args.repeats)
+        row = {"optimizer": name, "step_ms": step_ms, "state_bytes": state_bytes(opt)}
+        if isinstance(opt, LMD):
+            def sample_and_step(opt=opt):
+                opt.sample_()
+                opt.step()
+            row["sample_step_ms"] = timed(sample_and_step, device, args.warmup, args.repeats)
+        rows.append(row)
+        print(f"  {name}: {step_ms:.1f} ms", flush=True)
+        del opt, params
+        gc.collect()
+    base = next((r for r in rows if r["optimizer"] == "AdamW fused"), rows[0])
+    for r in rows:
+        r["step_x_fused"] = r["step_ms"] / base["step_ms"]
+        if "sample_step_ms" in r:
+            r["sample_step_x_fused"] = r["sample_step_ms"] / base["step_ms"]
+        r["state_bytes_per_param"] = r["state_bytes"] / numel
+    print(f"\n{args.model}: {numel / 1e6:.1f}M parameters in {len(shapes)} tensors, {device}, "
+          f"{torch.get_num_threads()} threads, min of {args.repeats} steps\n")
+    print_table(rows, ["optimizer", "step_ms", "step_x_fused", "sample_step_ms",
+                       "sample_step_x_fused", "state_bytes_per_param"])
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    path = write_json("optim", rows, model=args.model, parameters=numel, tensors=len(shapes),
+                      device=device_name, repeats=args.repeats, baseline="AdamW fused")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

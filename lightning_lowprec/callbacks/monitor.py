@@ -1,0 +1,684 @@
+"""NormMonitor: weight, gradient, multiplier, LMD and quantization health, logged every N steps.
+
+Low-precision runs fail by blowing up, and the blow-up shows first in norms: weight norms that
+climb (the LMD paper's curves), multipliers that drift along a symmetry, gradients that clipping
+keeps cutting, medians pinned at LMD's soft-clip bounds, quantized operands that saturate.
+:class:`NormMonitor` (Trainer) and :class:`FabricNormMonitor` (Fabric, LitGPT) log all of it
+through the run's loggers, every ``every_n_steps`` optimizer steps, as these tags (TensorBoard
+groups its panels by the part before the first ``/``; ``<layer>`` is a parameter's qualified
+name without ``.weight``, e.g. ``gpt.transformer.h.0.attn.qkv``):
+
+=============================================  ==================================================
+``norm/weight/<layer>``                        L2 norm of each trainable matrix (≥ 2-D, not a
+                                               multiplier; with multipliers the stored ``W``).
+``norm/weight/global``                         L2 norm over every trainable parameter except the
+                                               multipliers.
+``norm/grad/global``                           L2 norm of all the optimizer's gradients,
+                                               multipliers included.
+``norm/grad/global_clipped_params``            L2 norm over the parameters gradient clipping
+                                               clips (the precision plugin's ``main_params``:
+                                               without multipliers under
+                                               :class:`~lightning_lowprec.LowPrecisionPlugin` or
+                                               ``ExcludeMultipliersFromClipping``): the number
+                                               ``gradient_clip_val`` is compared with.
+``update_ratio/<layer>``                       ``‖W_k − W_{k−1}‖ / ‖W_{k−1}‖``: the relative
+                                               step this optimizer step took (unitless).
+``multiplier/<layer>.<kind>/{mean,min,max}``   each row / column / scalar multiplier
+                                               (``<kind>``: ``row``, ``column``, ``scalar``).
+``lmd/<layer>/logm_mean``, ``logm_std``        mean and standard deviation of the log-medians
+                                               ``log(m±/m_ref)`` of the layer, both signs pooled,
+                                               in nats (0 = the reference median).
+``lmd/<layer>/at_bound_frac``                  fraction of the medians within ``bound_margin``
+                                               of the soft-clip bounds ``m_ref·e^{±1/λ}``
+                                               (0 without decay, which has no bounds).
+``lmd/<layer>/sign_flip_frac``                 fraction of the layer's weights whose sign
+                                               changed since the previous log (from the second
+                                               log on: the first one sets the reference).
+``quant/<layer>/weight_sqnr_db``, ``act_...``  signal-to-quantization-noise ratio of the
+                                               layer's weight / input activations,
+                                               ``10·log10(Σx² / Σ(x − Q(x))²)`` in dB.
+``quant/<layer>/weight_saturated_frac``, …     fraction of the operand's elements beyond the
+                                               largest magnitude of their MX block (clamped by
+                                               the quantizer; always 0 for per-tensor ``fp8_*``).
+``quant/<layer>/weight_flushed_frac``, …       fraction of the operand's elements that are
+                                               non-zero but quantize to zero.
+``hist/weight/<layer>``, ``hist/multiplier/…`` with ``histograms=True``: value histograms
+                                               (TensorBoard loggers only).
+=============================================  ==================================================
+
+When each number is taken (step ``k`` is logged when ``k`` is a multiple of ``every_n_steps``;
+``k`` is the Trainer's ``global_step``, or in Fabric the count of optimizer steps since setup):
+
+* weights, multipliers, medians and the weight quantization: after optimizer step ``k``, when
+  the parameters hold the point estimate (a posterior optimizer such as LMD restores it in its
+  ``step``); the update ratio compares them with the point estimate after step ``k − 1``;
+* gradients: those of step ``k`` before clipping — in the Trainer at ``on_before_optimizer_step``
+  (after AMP unscaling); in Fabric when ``fabric.clip_gradients`` runs (after unscaling, before
+  clipping), or, in a loop that does not clip, after the step, which leaves them unchanged;
+* activations: the input of every :class:`~lightning_lowprec.nn.QuantizedLinear` in each
+  training forward of step ``k`` (all gradient-accumulation micro-batches), through forward
+  hooks that exist only from the end of step ``k − 1`` to the end of step ``k``. Forwards in
+  eval mode (validation, generation) are skipped. Under bf16 autocast the statistics are those
+  of the bf16 operands the layer quantizes. With ``rounding="stochastic"`` the monitor draws its
+  own rounding (a private generator, so the run's random stream is untouched): the statistics
+  are those of an equivalent draw, not of the very one the layer used.
+
+Costs: between logged steps, a few attribute checks per step. For a logged step: a copy of the
+trainable matrices (for the update ratio; ``update_ratio=False`` skips it) held from the end of
+step ``k − 1`` to the end of step ``k``, one extra quantization of every quantized layer's input
+per training forward of step ``k`` and of its weight, a few reductions per parameter, and one
+device-to-host transfer. Persistently, 1 bit per LMD weight (the sign reference). The benchmark
+``benchmarks/monitor.py`` measures the overhead at the default interval.
+
+Distributed: only global rank 0 computes and logs, from its own replica, so the activation
+statistics are those of rank 0's batch. Under DDP the weights and gradients are the same on
+every rank. Sharded strategies (FSDP, DeepSpeed, model parallel) hold a shard per rank: the
+monitor warns, and its norms are those of rank 0's shard.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import lightning.fabric.strategies as fabric_strategies
+import lightning.pytorch as pl
+import lightning.pytorch.strategies as trainer_strategies
+import torch
+import torch.nn.functional as F
+from lightning.fabric import Fabric
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
+from lightning.fabric.wrappers import is_wrapped
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from lightning_lowprec.formats import E8M0_MAX_EXP, E8M0_MIN_EXP, Format
+from lightning_lowprec.nn import QuantizedLinear
+from lightning_lowprec.optim.groups import is_multiplier
+from lightning_lowprec.optim.lmd import LMD
+from lightning_lowprec.quantize import Rounding, _exp2, quantize
+
+__all__ = ["FabricNormMonitor", "NormMonitor"]
+
+HISTOGRAM_BINS = 64
+"""Buckets per histogram (equal widths between the tensor's min and max)."""
+
+_SHARDED_STRATEGIES = (
+    fabric_strategies.FSDPStrategy,
+    fabric_strategies.DeepSpeedStrategy,
+    fabric_strategies.ModelParallelStrategy,
+    fabric_strategies.XLAFSDPStrategy,
+    trainer_strategies.FSDPStrategy,
+    trainer_strategies.DeepSpeedStrategy,
+    trainer_strategies.ModelParallelStrategy,
+)
+_WEIGHT_SUFFIXES = (".parametrizations.weight.original", ".weight")
+_MULTIPLIER_INFIX = ".parametrizations.weight.0."
+_STATS = ("sqnr_db", "saturated_frac", "flushed_frac")
+
+
+class _Histogram(NamedTuple):
+    """The arguments of ``SummaryWriter.add_histogram_raw``, on the host."""
+
+    min: float
+    max: float
+    num: int
+    sum: float
+    sum_squares: float
+    bucket_limits: list[float]
+    bucket_counts: list[float]
+
+
+class _Recorder:
+    """What both front-ends share: which numbers, computed when.
+
+    The front-ends decide the moments: :meth:`arm` at the end of the step before a logged one,
+    :meth:`record_gradients` before clipping, :meth:`collect` after the logged step.
+    """
+
+    def __init__(
+        self, every_n_steps: int, histograms: bool, update_ratio: bool, bound_margin: float
+    ) -> None:
+        if (
+            isinstance(every_n_steps, bool)
+            or not isinstance(every_n_steps, int)
+            or every_n_steps < 1
+        ):
+            raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}.")
+        for name, value in (("histograms", histograms), ("update_ratio", update_ratio)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}.")
+        if (
+            isinstance(bound_margin, bool)
+            or not isinstance(bound_margin, (int, float))
+            or not 0.0 <= bound_margin < 1.0
+        ):
+            raise ValueError(
+                f"bound_margin must be a number in [0, 1) (a fraction of the half-width 1/λ of "
+                f"LMD's log-median range), got {bound_margin!r}."
+            )
+        self.every_n_steps = every_n_steps
+        self.histograms = histograms
+        self.update_ratio = update_ratio
+        self.bound_margin = float(bound_margin)
+        self.armed = False
+        self.gradients: dict[str, Tensor] | None = None
+        self._modules: list[tuple[str, nn.Module]] = []
+        self._before: list[tuple[Tensor, Tensor]] = []
+        self._hooks: list[RemovableHandle] = []
+        self._activations: dict[str, tuple[Tensor, int]] = {}
+        self._operand_dtypes: dict[str, torch.dtype] = {}
+        self._signs: dict[Tensor, Tensor] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def logs_at(self, step: int) -> bool:
+        return step % self.every_n_steps == 0
+
+    def watch(self, module: nn.Module) -> None:
+        """Monitor ``module``; a second, third, ... module gets the prefix ``model1.``, ..."""
+        if any(watched is module for _, watched in self._modules):
+            return
+        prefix = f"model{len(self._modules)}." if self._modules else ""
+        self._modules.append((prefix, module))
+
+    def arm(self) -> None:
+        """Prepare the next step's numbers: snapshot the matrices, hook the quantized layers.
+
+        Call when the parameters hold the point estimate and the step's first forward is ahead.
+        """
+        self.disarm()
+        self.armed = True
+        if self.update_ratio:
+            with torch.no_grad():
+                self._before = [(p, p.detach().clone()) for p, _ in self._matrices()]
+        for name, layer in self._quantized_layers():
+            self._hooks.append(layer.register_forward_hook(self._activation_hook(name)))
+
+    def disarm(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self.armed = False
+        self.gradients = None
+        self._hooks, self._before = [], []
+        self._activations, self._operand_dtypes = {}, {}
+
+    @torch.no_grad()
+    def record_gradients(self, optimizer: Optimizer, clipped: Iterable[Tensor]) -> None:
+        """The global gradient norms of ``optimizer``'s parameters and of the ``clipped`` ones."""
+        params = {p: None for group in optimizer.param_groups for p in group["params"]}
+        self.gradients = {
+            "norm/grad/global": _global_norm(p.grad for p in params),
+            "norm/grad/global_clipped_params": _global_norm(p.grad for p in clipped),
+        }
+
+    @torch.no_grad()
+    def collect(
+        self, optimizers: Iterable[Optimizer]
+    ) -> tuple[dict[str, float], dict[str, _Histogram]]:
+        """Every scalar (and histogram) of the step just taken; disarms."""
+        names = self._names()
+        values: dict[str, Tensor] = {}
+        trainable = [(p, name) for p, name in names.items() if p.requires_grad]
+        norms = [
+            (p, name, torch.linalg.vector_norm(p.detach(), dtype=torch.float32))
+            for p, name in trainable
+            if not is_multiplier(p)
+        ]
+        for p, name, norm in norms:
+            if p.ndim >= 2:
+                values[f"norm/weight/{_layer_name(name)}"] = norm
+        if norms:
+            values["norm/weight/global"] = torch.linalg.vector_norm(
+                torch.stack([norm for _, _, norm in norms])
+            )
+        values.update(self.gradients or {})
+        for p, before in self._before:
+            if p in names:
+                change = torch.linalg.vector_norm(p.detach().float() - before.float())
+                ratio = change / torch.linalg.vector_norm(before, dtype=torch.float32)
+                values[f"update_ratio/{_layer_name(names[p])}"] = ratio
+        for p, name in trainable:
+            if is_multiplier(p):
+                tag, data = f"multiplier/{_multiplier_name(name)}", p.detach().float()
+                low, high = torch.aminmax(data)
+                values.update({f"{tag}/mean": data.mean(), f"{tag}/min": low, f"{tag}/max": high})
+        for optimizer in optimizers:
+            if isinstance(optimizer, LMD):
+                values.update(self._median_statistics(optimizer, names))
+        for name, layer in self._quantized_layers():
+            values.update(self._quantization_statistics(name, layer))
+        histograms = self._histograms(trainable) if self.histograms else {}
+        self.disarm()
+        return _to_host(values), histograms
+
+    # -- the statistics ---------------------------------------------------------------------
+
+    def _median_statistics(self, optimizer: LMD, names: Mapping[Tensor, str]) -> dict[str, Tensor]:
+        values = {}
+        for p, medians in optimizer.log_medians():
+            if p not in names:
+                continue
+            tag = f"lmd/{_layer_name(names[p])}"
+            both = (medians.pos, medians.neg)
+            count = 2 * medians.pos.numel()
+            # Two passes, no copy of the state: mean, then the spread around it.
+            mean = sum(m.sum() for m in both) / count
+            spread = torch.stack([torch.linalg.vector_norm(m - mean) for m in both])
+            values[f"{tag}/logm_mean"] = mean - medians.log_m_ref
+            values[f"{tag}/logm_std"] = torch.linalg.vector_norm(spread) / math.sqrt(count)
+            if math.isfinite(medians.low):
+                center = (medians.low + medians.high) / 2.0
+                reach = (1.0 - self.bound_margin) * (medians.high - medians.low) / 2.0
+                pinned = sum(((m - center).abs_() >= reach).count_nonzero() for m in both)
+                at_bound = pinned / count
+            else:
+                at_bound = mean.new_zeros(())
+            values[f"{tag}/at_bound_frac"] = at_bound
+            signs = _packed_signs(p)
+            previous = self._signs.get(p)
+            if previous is not None and previous.shape == signs.shape:
+                values[f"{tag}/sign_flip_frac"] = _popcount(previous ^ signs) / p.numel()
+            self._signs[p] = signs
+        return values
+
+    def _quantization_statistics(self, name: str, layer: QuantizedLinear) -> dict[str, Tensor]:
+        dtype = self._operand_dtypes.get(name)
+        weight = layer.weight.detach()
+        weight = weight if dtype is None else weight.to(dtype)
+        generator = self._generator(weight.device)
+        sums = _quantization_sums(weight, layer.w_fmt, layer.rounding, generator)
+        operands = {"weight": (sums, weight.numel())}
+        if name in self._activations:
+            operands["act"] = self._activations[name]
+        values = {}
+        for operand, (sums, elements) in operands.items():
+            signal, noise, saturated, flushed = sums.unbind()
+            stats = (10.0 * torch.log10(signal / noise), saturated / elements, flushed / elements)
+            for stat, value in zip(_STATS, stats, strict=True):
+                values[f"quant/{name}/{operand}_{stat}"] = value
+        return values
+
+    def _activation_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not layer.training or not args:
+                return
+            x = args[0].detach()
+            device_type = x.device.type
+            dtype = None
+            if torch.is_autocast_enabled(device_type):
+                # QuantizedLinear casts its operands as autocast casts F.linear's: do the same.
+                dtype = torch.get_autocast_dtype(device_type)
+                x = x.to(dtype)
+            with torch.no_grad(), torch.autocast(device_type, enabled=False):
+                generator = self._generator(x.device)
+                sums = _quantization_sums(x, layer.a_fmt, layer.rounding, generator)
+            total, elements = self._activations.get(name, (0, 0))
+            self._activations[name] = (sums + total, elements + x.numel())
+            self._operand_dtypes[name] = dtype
+
+        return hook
+
+    def _histograms(self, trainable: list[tuple[Tensor, str]]) -> dict[str, _Histogram]:
+        tensors = {}
+        for p, name in trainable:
+            if is_multiplier(p):
+                tensors[f"hist/multiplier/{_multiplier_name(name)}"] = p.detach()
+            elif p.ndim >= 2:
+                tensors[f"hist/weight/{_layer_name(name)}"] = p.detach()
+        return {tag: _histogram(x) for tag, x in tensors.items()}
+
+    # -- what is watched --------------------------------------------------------------------
+
+    def _names(self) -> dict[Tensor, str]:
+        names: dict[Tensor, str] = {}
+        for prefix, module in self._modules:
+            for name, p in module.named_parameters():
+                names.setdefault(p, prefix + name)
+        return names
+
+    def _matrices(self) -> Iterator[tuple[Tensor, str]]:
+        for p, name in self._names().items():
+            if p.requires_grad and p.ndim >= 2 and not is_multiplier(p):
+                yield p, name
+
+    def _quantized_layers(self) -> Iterator[tuple[str, QuantizedLinear]]:
+        for prefix, module in self._modules:
+            for name, layer in module.named_modules():
+                if isinstance(layer, QuantizedLinear):
+                    yield prefix + name, layer
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """A private generator for stochastic rounding: the run's random stream stays as is."""
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device).manual_seed(0)
+        return self._generators[device]
+
+
+class NormMonitor(Callback):
+    """Trainer callback: log norms and low-precision health every N steps (see module doc).
+
+    ``Trainer(callbacks=[NormMonitor()])``; the tags go to every logger of the Trainer
+    (TensorBoard by default), at ``step = trainer.global_step``. For Fabric and LitGPT use
+    :class:`FabricNormMonitor` (Fabric calls any method named like a hook, so one class cannot
+    serve both).
+
+    Args:
+        every_n_steps: log after every ``every_n_steps``-th optimizer step.
+        histograms: also log histograms of the matrices and multipliers (TensorBoard loggers;
+            costs a pass over every parameter and a bucket transfer per logged step).
+        update_ratio: log ``update_ratio/<layer>``; needs a copy of the trainable matrices
+            during each logged step (turn off when memory is tight).
+        bound_margin: an LMD median counts as at its soft-clip bound when it is within
+            ``bound_margin / λ`` nats of it (a fraction of the half-width ``1/λ``), in [0, 1).
+
+    Raises:
+        ValueError: an argument outside the ranges above.
+        MisconfigurationException: at ``fit``, a Trainer without a logger.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        histograms: bool = False,
+        update_ratio: bool = True,
+        bound_margin: float = 0.01,
+    ) -> None:
+        self._recorder = _Recorder(every_n_steps, histograms, update_ratio, bound_margin)
+        self._armed_step = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not trainer.loggers:
+            raise MisconfigurationException(
+                "NormMonitor needs a logger to write to; the Trainer has none (logger=False)."
+            )
+        _warn_if_sharded(trainer.strategy)
+        self._recorder.watch(pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._arm_if_next_logs(trainer)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if self._recorder.armed:
+            clipped = trainer.precision_plugin.main_params(optimizer)
+            self._recorder.record_gradients(optimizer, clipped)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step = trainer.global_step
+        if self._recorder.armed and step >= self._armed_step:
+            scalars, histograms = self._recorder.collect(trainer.optimizers)
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=step)
+            _write_histograms(trainer.loggers, histograms, step)
+        if not self._recorder.armed:
+            self._arm_if_next_logs(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._recorder.disarm()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._recorder.disarm()
+
+    def _arm_if_next_logs(self, trainer: pl.Trainer) -> None:
+        if trainer.is_global_zero and self._recorder.logs_at(trainer.global_step + 1):
+            self._recorder.arm()
+            self._armed_step = trainer.global_step + 1
+
+
+class FabricNormMonitor:
+    """Fabric callback: log norms and low-precision health every N steps (see module doc).
+
+    ``Fabric(callbacks=[FabricNormMonitor()], loggers=[TensorBoardLogger(...)])``; the tags go
+    through ``fabric.log_dict`` at ``step`` = optimizer steps since setup. It hooks itself in at
+    ``fabric.setup(model, ...)`` (Fabric's ``on_after_setup``) and counts steps in
+    ``on_after_optimizer_step``, both fired by Fabric itself, so loops that call neither
+    ``fabric.call`` nor the monitor — LitGPT's scripts, with the callback registered under the
+    entry-point group ``lightning.fabric.callbacks_factory`` — are monitored as they are.
+
+    ``fabric.setup_module`` alone does not fire ``on_after_setup`` (LitGPT's LoRA script uses
+    it): call ``monitor.on_after_setup(fabric, model)`` yourself after it. To carry the step
+    count across a resume, save and load the monitor with the rest of the state
+    (``fabric.save(path, {"model": model, "monitor": monitor})``).
+
+    Args: as for :class:`NormMonitor`; the defaults make it constructible without arguments.
+
+    Raises:
+        ValueError: an argument outside its range.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        histograms: bool = False,
+        update_ratio: bool = True,
+        bound_margin: float = 0.01,
+    ) -> None:
+        self._recorder = _Recorder(every_n_steps, histograms, update_ratio, bound_margin)
+        self._fabric: Fabric | None = None
+        self._saw_setup = False
+        self._warned = False
+        self._step = 0
+
+    def on_after_setup(self, fabric: Fabric, module: nn.Module) -> None:
+        self._saw_setup = True
+        if not fabric.is_global_zero:
+            return
+        if not fabric.loggers:
+            self._warn_once("FabricNormMonitor found no logger on this Fabric; it logs nothing.")
+            return
+        if self._fabric is None:
+            self._fabric = fabric
+            _warn_if_sharded(fabric.strategy)
+            precision = fabric.strategy.precision
+            precision.unscale_gradients = _GradientsBeforeClipping(
+                precision.unscale_gradients, self._before_clipping
+            )
+        self._recorder.watch(module.module if is_wrapped(module) else module)
+        if not self._recorder.armed and self._recorder.logs_at(self._step + 1):
+            self._recorder.arm()
+
+    def on_after_optimizer_step(self, strategy: Any, optimizer: Optimizer) -> None:
+        if self._fabric is None:
+            if not self._saw_setup and strategy.is_global_zero:
+                self._warn_once(
+                    "FabricNormMonitor did not see fabric.setup(model, ...), so it does not know "
+                    "the model; after fabric.setup_module(model), call "
+                    "monitor.on_after_setup(fabric, model)."
+                )
+            return
+        self._step += 1
+        if self._recorder.armed:
+            if self._recorder.logs_at(self._step):
+                if self._recorder.gradients is None:
+                    clipped = strategy.precision.main_params(optimizer)
+                    self._recorder.record_gradients(optimizer, clipped)
+                scalars, histograms = self._recorder.collect([optimizer])
+                self._fabric.log_dict(scalars, step=self._step)
+                _write_histograms(self._fabric.loggers, histograms, self._step)
+            else:
+                self._recorder.disarm()
+        if self._recorder.logs_at(self._step + 1):
+            self._recorder.arm()
+
+    def state_dict(self) -> dict[str, int]:
+        """The optimizer-step count, so that a resumed run logs at the right steps."""
+        return {"step": self._step}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._step = int(state_dict["step"])
+        self._recorder.disarm()
+        if self._fabric is not None and self._recorder.logs_at(self._step + 1):
+            self._recorder.arm()
+
+    def _before_clipping(self, optimizer: Optimizer) -> None:
+        if self._recorder.armed and self._recorder.gradients is None:
+            clipped = self._fabric.strategy.precision.main_params(optimizer)
+            self._recorder.record_gradients(optimizer, clipped)
+
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            rank_zero_warn(message)
+
+
+class _GradientsBeforeClipping:
+    """A precision plugin's ``unscale_gradients``, then a look at the gradients.
+
+    Fabric calls ``unscale_gradients`` only from ``fabric.clip_gradients``, right before it
+    clips: the one moment the unscaled, unclipped gradients of a step can be seen.
+    """
+
+    def __init__(
+        self, unscale_gradients: Callable[[Optimizer], None], look: Callable[[Optimizer], None]
+    ) -> None:
+        self.unscale_gradients = unscale_gradients
+        self.look = look
+
+    def __call__(self, optimizer: Optimizer) -> None:
+        self.unscale_gradients(optimizer)
+        self.look(optimizer)
+
+
+def _quantization_sums(
+    x: Tensor, fmt: Format, rounding: Rounding, generator: torch.Generator
+) -> Tensor:
+    """``[Σx², Σ(x − Q(x))², saturated, flushed]`` (fp32) of ``x`` quantized to ``fmt``.
+
+    Along the last axis, in ``x``'s dtype: as :class:`~lightning_lowprec.nn.QuantizedLinear`
+    quantizes its weight and its input (the reduction axis of the matmul).
+    """
+    q = quantize(x, fmt, -1, rounding, generator).float()
+    x = x.float()
+    flushed = ((x != 0) & (q == 0)).count_nonzero()
+    sums = [x.square().sum(), (x - q).square().sum(), _saturated(x, fmt), flushed]
+    return torch.stack([s.float() for s in sums])
+
+
+def _saturated(x: Tensor, fmt: Format) -> Tensor:
+    """How many elements of fp32 ``x`` lie beyond the largest magnitude of their MX block.
+
+    The block's largest magnitude is ``max · 2**shared_exp`` with the spec's
+    ``shared_exp = floor(log2(amax)) − emax`` (E8M0-clamped); the quantizer clamps such elements
+    there. Per-tensor formats scale the tensor's amax onto the format's max: nothing saturates.
+    """
+    if fmt.scaling == "tensor":
+        return x.new_zeros((), dtype=torch.long)
+    magnitudes = x.reshape(-1, x.shape[-1]).abs()
+    pad = -magnitudes.shape[1] % fmt.block_size
+    if pad:
+        magnitudes = F.pad(magnitudes, (0, pad))
+    magnitudes = magnitudes.unflatten(1, (-1, fmt.block_size))
+    # amax = m · 2**e with m in [0.5, 1): floor(log2(amax)) = e − 1, exactly (also subnormal).
+    _, exponent = torch.frexp(magnitudes.amax(-1, keepdim=True))
+    shared = (exponent - 1 - fmt.emax).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
+    return (magnitudes > fmt.max * _exp2(shared)).count_nonzero()
+
+
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def _packed_signs(p: Tensor) -> Tensor:
+    """``p > 0``, 8 weights per byte: a sign reference costs 1 bit per weight."""
+    bits = (p.detach() > 0).flatten().to(torch.uint8)
+    bits = F.pad(bits, (0, -bits.numel() % 8)).view(-1, 8)
+    return (bits << _BIT_SHIFTS.to(p.device)).sum(1, dtype=torch.uint8)
+
+
+def _popcount(packed: Tensor) -> Tensor:
+    """The number of set bits in a uint8 tensor."""
+    return ((packed.unsqueeze(1) >> _BIT_SHIFTS.to(packed.device)) & 1).sum()
+
+
+def _global_norm(tensors: Iterable[Tensor | None]) -> Tensor:
+    """L2 norm over all given tensors together (``None`` skipped), in fp32."""
+    norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors if t is not None]
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def _histogram(x: Tensor) -> _Histogram:
+    """``x``'s histogram in :data:`HISTOGRAM_BINS` equal buckets, binned on ``x``'s device."""
+    x = x.flatten().float()
+    low, high = torch.aminmax(x)
+    width = (high - low) / HISTOGRAM_BINS
+    index = ((x - low) / width.clamp_min(torch.finfo(torch.float32).tiny)).long()
+    counts = torch.bincount(index.clamp_(0, HISTOGRAM_BINS - 1), minlength=HISTOGRAM_BINS)
+    summary = torch.stack([low, high, x.sum(), x.square().sum()]).tolist()
+    low_, high_, total, squares = summary
+    if high_ == low_:
+        limits, bucket_counts = [high_], [float(x.numel())]
+    else:
+        step = (high_ - low_) / HISTOGRAM_BINS
+        limits = [low_ + step * (i + 1) for i in range(HISTOGRAM_BINS)]
+        bucket_counts = counts.float().tolist()
+    return _Histogram(low_, high_, x.numel(), total, squares, limits, bucket_counts)
+
+
+def _write_histograms(
+    loggers: Iterable[Any], histograms: Mapping[str, _Histogram], step: int
+) -> None:
+    if not histograms:
+        return
+    writers = [
+        logger.experiment
+        for logger in loggers
+        if hasattr(logger.experiment, "add_histogram_raw")
+    ]
+    if not writers:
+        rank_zero_warn("NormMonitor(histograms=True) needs a TensorBoard logger; none is set.")
+    for writer in writers:
+        for tag, histogram in histograms.items():
+            writer.add_histogram_raw(tag, *histogram, global_step=step)
+
+
+def _to_host(values: Mapping[str, Tensor]) -> dict[str, float]:
+    """The 0-dim tensors as floats, with one transfer per device."""
+    by_device: dict[torch.device, list[str]] = {}
+    for name, value in values.items():
+        by_device.setdefault(value.device, []).append(name)
+    floats = {}
+    for names in by_device.values():
+        stacked = torch.stack([values[name].float() for name in names]).tolist()
+        floats.update(zip(names, stacked, strict=True))
+    return {name: floats[name] for name in values}
+
+
+def _layer_name(name: str) -> str:
+    """``a.b.weight`` and ``a.b.parametrizations.weight.original`` → ``a.b``."""
+    for suffix in _WEIGHT_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _multiplier_name(name: str) -> str:
+    """``a.b.parametrizations.weight.0.row_multiplier`` → ``a.b.row``; other names unchanged."""
+    layer, infix, kind = name.partition(_MULTIPLIER_INFIX)
+    if infix and kind.endswith("_multiplier"):
+        return f"{layer}.{kind.removesuffix('_multiplier')}"
+    return name
+
+
+def _warn_if_sharded(strategy: Any) -> None:
+    if isinstance(strategy, _SHARDED_STRATEGIES):
+        rank_zero_warn(
+            f"NormMonitor reads rank 0's parameters; under {type(strategy).__name__} these are a "
+            "shard, so its norms and statistics are those of rank 0's shard."
+        )

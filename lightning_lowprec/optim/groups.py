@@ -1,0 +1,105 @@
+"""Which parameters go to which rule: matrices, norms and biases, embeddings, multipliers.
+
+``param_groups(model)`` returns the usual split as torch parameter groups, for any optimizer:
+
+* ``"matrices"``: every other parameter with 2 or more dims (attention, MLP, LM head);
+  ``weight_decay``, and the optimizer's own rule (LMD, Madam, M+Adam's both branches).
+* ``"norms_biases"``: 1-D and 0-dim parameters; no weight decay.
+* ``"embeddings"``: the weights of ``nn.Embedding`` modules; ``embedding_weight_decay``.
+* ``"multipliers"``: learnable multipliers (arXiv 2601.04890), weight decay 2e-3: the scale
+  symmetries they introduce make them drift and blow up in BF16 without it.
+
+Groups named in ``adamw`` carry ``"adamw": "always"``, which LMD, Madam and M+Adam read as
+"use the AdamW rule here" (RESEARCH.md: biases, norms and embeddings on AdamW is the sound
+default for a multiplicative optimizer) and other optimizers ignore.
+
+Multipliers are recognised by the attribute :data:`MULTIPLIER_ATTR` that
+``lightning_lowprec.multipliers`` sets on them, not by name: a name test would also catch
+unrelated parameters that happen to contain "multiplier", and the attribute survives renames
+and wrapping; mark your own with :func:`mark_multiplier`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["GROUP_NAMES", "MULTIPLIER_ATTR", "is_multiplier", "mark_multiplier", "param_groups"]
+
+MULTIPLIER_ATTR = "_lowprec_multiplier"
+"""Name of the attribute (set to ``True``) that marks a parameter as a learnable multiplier."""
+GROUP_NAMES: tuple[str, ...] = ("matrices", "norms_biases", "embeddings", "multipliers")
+
+
+def is_multiplier(p: Tensor) -> bool:
+    """Whether ``p`` is marked as a learnable multiplier."""
+    return bool(getattr(p, MULTIPLIER_ATTR, False))
+
+
+def mark_multiplier(p: nn.Parameter) -> nn.Parameter:
+    """Mark ``p`` as a learnable multiplier (returns it, for use in ``__init__``)."""
+    setattr(p, MULTIPLIER_ATTR, True)
+    return p
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float = 0.1,
+    *,
+    embedding_weight_decay: float | None = None,
+    multiplier_weight_decay: float = 2e-3,
+    adamw: Iterable[str] = ("norms_biases", "embeddings", "multipliers"),
+) -> list[dict[str, Any]]:
+    """Split ``model``'s trainable parameters into named groups (see module doc).
+
+    Each trainable parameter appears once (a tied weight goes to the first group that claims
+    it in the order multipliers, embeddings, norms/biases, matrices); frozen parameters are
+    left out; empty groups are omitted.
+
+    Args:
+        model: any module.
+        weight_decay: decay of the matrices (for LMD, its log-space ``lambda``).
+        embedding_weight_decay: decay of the embeddings; ``None`` means ``weight_decay``.
+        multiplier_weight_decay: decay of the learnable multipliers.
+        adamw: names of the groups that get ``"adamw": "always"``; ``()`` for none.
+
+    Raises:
+        ValueError: a name in ``adamw`` is not one of :data:`GROUP_NAMES`.
+    """
+    adamw = tuple(adamw)
+    unknown = [n for n in adamw if n not in GROUP_NAMES]
+    if unknown:
+        raise ValueError(f"Invalid adamw: {unknown!r}; expected names from {GROUP_NAMES}.")
+    embedding_ids = {
+        id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)
+    }
+    buckets: dict[str, list[Tensor]] = {name: [] for name in GROUP_NAMES}
+    for p in model.parameters():  # yields a tied parameter once
+        if not p.requires_grad:
+            continue
+        if is_multiplier(p):
+            buckets["multipliers"].append(p)
+        elif id(p) in embedding_ids:
+            buckets["embeddings"].append(p)
+        elif p.ndim < 2:
+            buckets["norms_biases"].append(p)
+        else:
+            buckets["matrices"].append(p)
+    decay = {
+        "matrices": weight_decay,
+        "norms_biases": 0.0,
+        "embeddings": weight_decay if embedding_weight_decay is None else embedding_weight_decay,
+        "multipliers": multiplier_weight_decay,
+    }
+    groups = []
+    for name in GROUP_NAMES:
+        if buckets[name]:
+            group: dict[str, Any] = {
+                "params": buckets[name], "name": name, "weight_decay": decay[name],
+            }
+            if name in adamw:
+                group["adamw"] = "always"
+            groups.append(group)
+    return groups

@@ -1,0 +1,539 @@
+"""LMD: log-normal multiplicative dynamics (arXiv 2506.17768), as reconstructed in RESEARCH.md §1.
+
+Each weight is the difference of two positive log-normal variables (the EG± trick),
+``theta = m+ * eps+ - m- * eps-`` with ``eps± = exp(sigma * xi±)``, ``xi± ~ N(0, 1)``. The
+optimizer keeps the log-medians ``l± = log m±`` and moves them multiplicatively:
+
+    g     = dloss/dtheta at the sampled theta
+    c     = sign(u),  u <- momentum * u + (1 - momentum) * g       (gradient only)
+    l+   <- l+ - lr * ( c + weight_decay * (l+ - log m_ref))
+    l-   <- l- - lr * (-c + weight_decay * (l- - log m_ref))       (regulariser decoupled)
+    l±   <- clamp(l±, log m_ref - 1/weight_decay, log m_ref + 1/weight_decay)
+
+``c`` is the sign of ``u+ = EMA(g * theta+)`` for ``m+`` and of ``u- = EMA(-g * theta-)`` for
+``m-``; since ``theta± > 0`` only reweights the EMA by ``exp(sigma * xi) = 1 ± sigma``, one
+shared momentum of ``g`` gives the same signs and costs one tensor instead of two (the default;
+``separate_momentum=True`` keeps ``u±`` exactly). The decay pulls every median to ``m_ref``
+and keeps it inside ``[m_ref * e**(-1/weight_decay), m_ref * e**(+1/weight_decay)]`` whenever
+``lr * weight_decay <= 1`` (the clamp makes that exact in floating point and under any
+schedule); medians stay positive, so weights never stick at zero and their signs can flip.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lightning_lowprec.optim.base import (
+    ADAMW_MODES,
+    AdamWMode,
+    LowPrecisionOptimizer,
+    by_device,
+    compiled,
+    require,
+    require_betas,
+    require_range,
+)
+from lightning_lowprec.optim.counter_rng import NOISE_KINDS, NoiseKind, derive_keys, normal_pair
+from lightning_lowprec.posterior import sampled_params, track
+
+__all__ = ["INITS", "LMD", "LogMedians"]
+
+Init = Literal["from_weights", "moment_matched", "abs_pair"]
+INITS: tuple[str, ...] = ("from_weights", "moment_matched", "abs_pair")
+_PURPOSE_SAMPLE = 1
+_PURPOSE_INIT = 2
+_ABS_PAIR_FLOOR = 1e-5
+"""The precursor code's floor under ``|w|`` (absolute, as there)."""
+
+
+def _sign_update(u: Tensor, v: Tensor, w_momentum: Any, w_sign: Any, interp: bool) -> Tensor:
+    """Advance ``u`` toward ``v``; return the sign that drives the update."""
+    if interp:
+        c = torch.lerp(u, v, w_sign).sign_()
+        u.lerp_(v, w_momentum)
+        return c
+    u.lerp_(v, w_momentum)
+    return u.sign()
+
+
+def _sample_tensor(p: Tensor, lp: Tensor, ln: Tensor, keys: Tensor, sigma: Any, noise: str) -> None:
+    """Write ``m+ exp(sigma xi+) - m- exp(sigma xi-)`` into ``p`` (noise from ``keys``)."""
+    xp, xn = normal_pair(lp.numel(), keys, noise)
+    theta_pos = xp.view_as(lp).mul_(sigma).add_(lp).exp_()
+    p.copy_(theta_pos.sub_(xn.view_as(ln).mul_(sigma).add_(ln).exp_()))
+
+
+def _point_estimate_tensor(p: Tensor, lp: Tensor, ln: Tensor, scale: Any, mean: bool) -> None:
+    """Write ``m+ - m-`` (times ``scale = exp(sigma**2 / 2)`` for ``mean``) into ``p``."""
+    theta = torch.exp(lp) - torch.exp(ln)
+    p.copy_(theta * scale if mean else theta)
+
+
+def _update_tensor(
+    p: Tensor, g: Tensor, lp: Tensor, ln: Tensor, up: Tensor, un: Tensor | None,
+    keys: Tensor | None, hp: Sequence[Any], *, separate: bool, interp: bool, drawn: bool,
+    noise: str, mean: bool,
+) -> None:
+    """One LMD update of one tensor, then the point estimate into ``p``.
+
+    ``hp`` = (lr, 1 - momentum, 1 - sign_beta, weight_decay, log m_ref, low, high, sigma,
+    point-estimate scale): floats in eager mode, a 1-D fp32 tensor when compiled. Used by the
+    single-tensor path and, through :func:`compiled`, by the compiled path.
+    """
+    lr, w_momentum, w_sign, wd, lmr, low, high, sigma, scale = hp
+    g = g.float()
+    if separate:
+        if drawn:
+            xp, xn = normal_pair(lp.numel(), keys, noise)
+            tp = torch.exp(lp + sigma * xp.view_as(lp))
+            tn = torch.exp(ln + sigma * xn.view_as(ln))
+        else:
+            tp, tn = torch.exp(lp), torch.exp(ln)
+        cp = _sign_update(up, g * tp, w_momentum, w_sign, interp)
+        cn = _sign_update(un, (g * tn).neg_(), w_momentum, w_sign, interp)
+    else:
+        cp = _sign_update(up, g, w_momentum, w_sign, interp)
+        cn = cp.neg()
+    for log_m, c in ((lp, cp), (ln, cn)):
+        t = (log_m - lmr).mul_(wd).add_(c)
+        log_m.sub_(t.mul_(lr)).clamp_(low, high)
+    _point_estimate_tensor(p, lp, ln, scale, mean)
+
+
+def _update_foreach(
+    ps: list[Tensor], gs: list[Tensor], lps: list[Tensor], lns: list[Tensor],
+    ups: list[Tensor], uns: list[Tensor] | None, keys: list[Tensor | None],
+    hps: list[Sequence[float]], *, separate: bool, interp: bool, drawn: bool, noise: str,
+    mean: bool,
+) -> None:
+    """:func:`_update_tensor` over lists with ``torch._foreach_*`` ops (same arithmetic)."""
+    lr, w_momentum, w_sign, wd, _, _, _, sigma, scale = hps[0]
+    lmrs, lows, highs = ([hp[i] for hp in hps] for i in (4, 5, 6))
+    gs = [g.float() for g in gs]
+
+    def signs(us: list[Tensor], vs: list[Tensor]) -> list[Tensor]:
+        if interp:
+            cs = torch._foreach_lerp(us, vs, w_sign)
+            torch._foreach_sign_(cs)
+            torch._foreach_lerp_(us, vs, w_momentum)
+            return cs
+        torch._foreach_lerp_(us, vs, w_momentum)
+        return torch._foreach_sign(us)
+
+    if separate:
+        if drawn:
+            tps, tns = [], []
+            for lp, ln, k in zip(lps, lns, keys, strict=True):
+                xp, xn = normal_pair(lp.numel(), k, noise)
+                tps.append(torch.exp(lp + sigma * xp.view_as(lp)))
+                tns.append(torch.exp(ln + sigma * xn.view_as(ln)))
+        else:
+            tps, tns = torch._foreach_exp(lps), torch._foreach_exp(lns)
+        vns = torch._foreach_mul(gs, tns)
+        torch._foreach_neg_(vns)
+        cps = signs(ups, torch._foreach_mul(gs, tps))
+        cns = signs(uns, vns)
+    else:
+        cps = signs(ups, gs)
+        cns = torch._foreach_neg(cps)
+    for log_ms, cs in ((lps, cps), (lns, cns)):
+        ts = torch._foreach_sub(log_ms, lmrs)
+        torch._foreach_mul_(ts, wd)
+        torch._foreach_add_(ts, cs)
+        torch._foreach_mul_(ts, lr)
+        torch._foreach_sub_(log_ms, ts)
+        torch._foreach_clamp_min_(log_ms, lows)
+        torch._foreach_clamp_max_(log_ms, highs)
+    thetas = torch._foreach_exp(lps)
+    torch._foreach_sub_(thetas, torch._foreach_exp(lns))
+    if mean:
+        torch._foreach_mul_(thetas, scale)
+    for p, theta in zip(ps, thetas, strict=True):
+        p.copy_(theta)
+
+
+class LogMedians(NamedTuple):
+    """One LMD tensor's log-medians and soft-clip bounds, in nats (see :meth:`LMD.log_medians`)."""
+
+    pos: Tensor
+    """``log m+`` (fp32): the optimizer's own state, to read, never to write."""
+    neg: Tensor
+    """``log m-`` (fp32), likewise."""
+    log_m_ref: float
+    """``log m_ref``, where the decay pulls both."""
+    low: float
+    """``log m_ref - 1/weight_decay`` (``-inf`` without decay)."""
+    high: float
+    """``log m_ref + 1/weight_decay`` (``+inf`` without decay)."""
+
+
+class LMD(LowPrecisionOptimizer):
+    """Log-normal multiplicative dynamics: a posterior optimizer with multiplicative updates.
+
+    **What the parameters hold.** Between steps, the *point estimate* ``m+ - m-`` (the median
+    of the posterior's ``theta``; ``point_estimate="mean"`` scales it by ``exp(sigma**2/2)``,
+    the posterior mean). :meth:`sample_` writes a draw ``theta`` into them, :meth:`restore_`
+    writes the point estimate back, and :meth:`step` computes the update from the gradient
+    and leaves the new point estimate. Noise injection therefore needs a sample before the
+    forward pass: the plugin draws one per optimizer step (shared by the micro-batches of
+    gradient accumulation); without the plugin, pass a closure to ``step`` (it runs at the
+    sample: Lightning's automatic optimisation does this) or wrap forward and backward in
+    ``with optimizer.sampled_params():``. A plain ``loss.backward(); optimizer.step()`` (e.g.
+    LitGPT alone) takes the gradient at the point estimate: correct, but without noise
+    (``sigma`` then only matters through ``point_estimate="mean"``).
+
+    **Sampling is reproducible**: the noise of update ``t`` of parameter ``i`` is a pure
+    function of ``(seed, i, t)`` (:mod:`~lightning_lowprec.optim.counter_rng`), so every DDP
+    rank with the same ``seed`` draws the same sample, every micro-batch of a step sees the
+    same sample, and a run resumed from ``state_dict()`` continues with the same noise.
+
+    **Initialisation** (``init``), at a parameter's first use, from the weights ``w`` it holds:
+    with ``s = RMS(w)`` and ``m0 = s / sqrt(2 e^{s0^2} (e^{s0^2} - 1))`` (``s0 = init_sigma``;
+    ``m0 = 1.17 s`` at the default 0.5), which is the median for which two independent
+    ``m0 * exp(s0 * zeta)`` differ by a standard deviation ``s``:
+
+    * ``"from_weights"`` (default): ``m± = (sqrt(w^2 + 4 m0^2) ± w) / 2``, so ``m+ - m- = w``
+      exactly and ``m+ m- = m0^2``. The model keeps its own initialisation (or its pretrained
+      weights, which makes fine-tuning work at all), nothing random is drawn, and the medians
+      sit at the scale ``m0`` that the measured defaults assume.
+    * ``"moment_matched"``: a fresh draw ``m± = m0 * exp(s0 * zeta±)``, which replaces the
+      weights by another random init of the same RMS (RESEARCH.md §1, scheme b). From scratch
+      only; ``init_sigma`` must not be as small as ``sigma`` (``s0 = 0.05`` gives
+      ``m0 = 14 s`` and the norm blows up, measured).
+    * ``"abs_pair"``: the precursor code's ``m± = |w±| + 1e-5`` for two independent normal
+      draws ``w±`` of std ``s`` (scheme a). From scratch only.
+
+    A tensor that is all zero (only reachable with ``adamw="never"``) uses
+    ``s = 1 / sqrt(fan_in)`` instead. Medians start clamped into the bounds below. Measured
+    from scratch (RESEARCH.md's char-level 2x128 LitGPT, 300 steps, 6 paired seeds), the two
+    main schemes train alike: validation loss 2.063 (``from_weights``) vs 2.064
+    (``moment_matched``), paired difference 0.001 +- 0.009; and one shared momentum did as
+    well as ``u±`` (3 seeds: 2.073 vs 2.077).
+
+    **Defaults** are the working settings measured in RESEARCH.md §1: ``lr=1e-2``,
+    ``sigma=0.05``, ``weight_decay=0.1``, ``m_ref=1`` (= ``m0`` of each tensor),
+    ``momentum=0.9``. A step moves a weight by about ``lr * m``, so what transfers between
+    models is ``lr * m0 / s ~ 0.01`` (``lr ~ 0.0085`` at ``init_sigma=0.5``): if you change
+    ``init_sigma`` (hence ``m0 / s``), rescale ``lr`` to keep that product.
+
+    **Which tensors** (``adamw``): ``"auto"`` (default) sends 1-D tensors (norm weights,
+    biases) and tensors that are all zero at their first step to the internal AdamW rule
+    (learning rate ``adamw_lr_ratio * lr``, ``betas``, ``eps``, decoupled ``weight_decay``),
+    everything else to LMD; ``"always"`` / ``"never"`` force one rule for a group. This is what
+    LitGPT's flat ``model.parameters()`` needs; with names, use
+    :func:`lightning_lowprec.optim.param_groups` to also put embeddings on AdamW.
+
+    **Memory** (fp32 state regardless of the parameter dtype): log-medians ``l+``, ``l-`` and
+    one momentum, 12 bytes per parameter, i.e. AdamW's 8 plus one parameter-sized tensor;
+    ``separate_momentum=True`` adds another 4.
+
+    **Non-finite gradients** skip that parameter's update (weights, medians, momentum and step
+    count untouched) and count in ``optimizer.skipped_steps``.
+
+    Args:
+        params: parameters or parameter groups (every argument below may be set per group).
+        lr: multiplicative step in nats per step (> 0).
+        momentum: EMA coefficient of the gradient momentum, in [0, 1).
+        sigma: log-std of the sampling noise ``eps = exp(sigma * xi)``, in [0, 1].
+        weight_decay: strength ``lambda`` of the decay of ``log m`` toward ``log m_ref``
+            (>= 0; 0 disables decay and the bounds); also the AdamW rule's decoupled decay.
+        m_ref: reference median in units of each tensor's ``m0`` (> 0).
+        init: ``"from_weights"``, ``"moment_matched"`` or ``"abs_pair"`` (see above).
+        init_sigma: spread ``s0`` of the initial medians, in (0, 3].
+        sign_beta: ``None`` takes the sign of the updated momentum; a value ``b`` in [0, 1)
+            takes Lion's ``sign(b * u + (1 - b) * g)`` before updating ``u``.
+        separate_momentum: keep ``u+ = EMA(g theta+)`` and ``u- = EMA(-g theta-)`` instead of
+            one shared momentum of ``g`` (+4 bytes per parameter).
+        point_estimate: ``"median"`` (``m+ - m-``) or ``"mean"`` (times ``exp(sigma**2/2)``).
+        noise: ``"irwin_hall"`` (default, fast, bounded at 3.45) or ``"box_muller"`` (exact
+            normals); see :mod:`~lightning_lowprec.optim.counter_rng`.
+        adamw: ``"auto"``, ``"always"`` or ``"never"`` (see above).
+        adamw_lr_ratio: the AdamW rule's learning rate as a multiple of ``lr`` (>= 0).
+        betas: the AdamW rule's ``(beta1, beta2)``, each in [0, 1).
+        eps: the AdamW rule's epsilon (>= 0).
+        seed: base of every random stream; ``None`` draws one from torch's global generator
+            (so ``seed_everything`` makes it reproducible and equal across DDP ranks).
+        foreach: ``None``/``True`` use ``torch._foreach_*`` ops, ``False`` one tensor at a time.
+        compiled: run each tensor's update and sample as one ``torch.compile``'d kernel with
+            in-graph noise (the fast path; the first step compiles for tens of seconds).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-2,
+        momentum: float = 0.9,
+        sigma: float = 0.05,
+        weight_decay: float = 0.1,
+        *,
+        m_ref: float = 1.0,
+        init: Init = "from_weights",
+        init_sigma: float = 0.5,
+        sign_beta: float | None = None,
+        separate_momentum: bool = False,
+        point_estimate: Literal["median", "mean"] = "median",
+        noise: NoiseKind = "irwin_hall",
+        adamw: AdamWMode = "auto",
+        adamw_lr_ratio: float = 0.3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        seed: int | None = None,
+        foreach: bool | None = None,
+        compiled: bool = False,
+    ) -> None:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        defaults = dict(
+            lr=lr, momentum=momentum, sigma=sigma, weight_decay=weight_decay, m_ref=m_ref,
+            init=init, init_sigma=init_sigma, sign_beta=sign_beta,
+            separate_momentum=separate_momentum, point_estimate=point_estimate, noise=noise,
+            adamw=adamw, adamw_lr_ratio=adamw_lr_ratio, betas=betas, eps=eps, seed=seed,
+            foreach=foreach, compiled=compiled,
+        )
+        _validate(defaults)
+        super().__init__(params, defaults)
+        self._sampled: list[Tensor] | None = None
+        self._drawn = False
+        track(self)  # Fabric's plugin finds this optimizer by its parameters
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _validate(self.param_groups[-1])
+
+    # -- the posterior protocol (lightning_lowprec.posterior.PosteriorOptimizer) ----------
+
+    @property
+    def holds_sample(self) -> bool:
+        """Whether the parameters hold a sample (``True`` between :meth:`sample_` and the
+        next :meth:`restore_` or :meth:`step`)."""
+        return self._sampled is not None
+
+    @torch.no_grad()
+    def sample_(self) -> None:
+        """Write this step's sample ``theta`` into every LMD parameter that requires grad.
+
+        Idempotent within a step: the noise depends only on (seed, parameter, step count),
+        so calling it again, also after :meth:`restore_`, writes the same values.
+        """
+        if self._sampled is not None:
+            return
+        sampled = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                state = self._state(p, group)
+                if state["adamw"]:
+                    continue
+                keys = self._keys(group, state["index"], state["step"], p.device)
+                sigma = group["sigma"]
+                if group["compiled"]:
+                    sigma = torch.tensor(sigma, dtype=torch.float32, device=p.device)
+                    fn = compiled(_sample_tensor)
+                else:
+                    fn = _sample_tensor
+                fn(p, state["log_median_pos"], state["log_median_neg"], keys, sigma, group["noise"])
+                sampled.append(p)
+        self._sampled = sampled
+        self._drawn = True
+
+    @torch.no_grad()
+    def restore_(self) -> None:
+        """Write the point estimate back into the parameters that hold a sample (else no-op)."""
+        if self._sampled is None:
+            return
+        groups = {p: g for g in self.param_groups for p in g["params"]}
+        for p in self._sampled:
+            group, state = groups[p], self.state[p]
+            scale, mean = _scale(group)
+            fn = _point_estimate_tensor
+            if group["compiled"]:
+                scale = torch.tensor(scale, dtype=torch.float32, device=p.device)
+                fn = compiled(_point_estimate_tensor)
+            fn(p, state["log_median_pos"], state["log_median_neg"], scale, mean)
+        self._sampled = None
+
+    def sampled_params(self) -> AbstractContextManager[None]:
+        """``with optimizer.sampled_params(): loss = f(model(x)); loss.backward()``: the
+        forward and backward see this step's sample; the point estimate is back on exit."""
+        return sampled_params(self)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Update from the gradients (taken at this step's sample if one was drawn).
+
+        With a ``closure``, the closure runs at this step's sample. Afterwards the parameters
+        hold the new point estimate.
+        """
+        loss = None
+        if closure is not None:
+            self.sample_()
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            except BaseException:
+                self.restore_()
+                raise
+        self._run_step()
+        self.restore_()
+        self._drawn = False
+        return loss
+
+    def log_medians(self) -> Iterator[tuple[Tensor, LogMedians]]:
+        """Each parameter LMD moves multiplicatively, with its log-medians and bounds (read-only).
+
+        For monitoring (:class:`~lightning_lowprec.callbacks.NormMonitor`): the tensors are the
+        live state, not copies. A parameter appears from its first step on; parameters on the
+        AdamW rule have no medians and are left out. The bounds follow the group's current
+        ``weight_decay``, as the next step's clamp does.
+        """
+        for group in self.param_groups:
+            half = 1.0 / group["weight_decay"] if group["weight_decay"] > 0 else math.inf
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or state["adamw"]:
+                    continue
+                lmr = state["log_m_ref"]
+                yield p, LogMedians(
+                    state["log_median_pos"], state["log_median_neg"], lmr, lmr - half, lmr + half
+                )
+
+    # -- internals --------------------------------------------------------------------------
+
+    @staticmethod
+    def _keys(group: dict[str, Any], index: int, step: int, device: torch.device) -> Tensor:
+        """Keys of the sample that update ``step + 1`` of parameter ``index`` follows."""
+        words = derive_keys(group["seed"], index, step, _PURPOSE_SAMPLE)
+        return torch.tensor(words, dtype=torch.int32, device=device)
+
+    def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        if state["adamw"]:
+            self._init_adamw_state(p, state)
+            return
+        w = p.detach().float()
+        s = w.square().mean().sqrt().item()
+        if not 0.0 < s < math.inf:
+            fan_in = p[0].numel() if p.ndim >= 2 else p.numel()
+            s = 1.0 / math.sqrt(fan_in)
+        e = math.exp(group["init_sigma"] ** 2)
+        m0 = s / math.sqrt(2.0 * e * (e - 1.0))
+        lmr = math.log(group["m_ref"] * m0)
+        half = 1.0 / group["weight_decay"] if group["weight_decay"] > 0 else math.inf
+        scale, mean = _scale(group)
+        if group["init"] == "from_weights":
+            target = w / scale if mean else w
+            big = (torch.sqrt(target.square() + 4.0 * m0 * m0) + target.abs()) / 2.0
+            small = m0 * m0 / big
+            positive = target >= 0
+            lp = torch.where(positive, big, small).log_()
+            ln = torch.where(positive, small, big).log_()
+        else:
+            keys = derive_keys(group["seed"], state["index"], 0, _PURPOSE_INIT)
+            zp, zn = normal_pair(p.numel(), torch.tensor(keys, dtype=torch.int32, device=p.device),
+                                 "box_muller")
+            zp, zn = zp.view_as(w), zn.view_as(w)
+            if group["init"] == "moment_matched":
+                lp = math.log(m0) + group["init_sigma"] * zp
+                ln = math.log(m0) + group["init_sigma"] * zn
+            else:
+                lp = (s * zp).abs_().add_(_ABS_PAIR_FLOOR).log_()
+                ln = (s * zn).abs_().add_(_ABS_PAIR_FLOOR).log_()
+        state["log_m_ref"] = lmr
+        state["log_median_pos"] = lp.clamp_(lmr - half, lmr + half).contiguous()
+        state["log_median_neg"] = ln.clamp_(lmr - half, lmr + half).contiguous()
+        state["momentum"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
+        if group["separate_momentum"]:
+            state["momentum_neg"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
+        if group["init"] != "from_weights":
+            _point_estimate_tensor(p, state["log_median_pos"], state["log_median_neg"], scale, mean)
+
+    def _update(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        states = [self.state[p] for p in params]
+        half = 1.0 / group["weight_decay"] if group["weight_decay"] > 0 else math.inf
+        scale, mean = _scale(group)
+        sign_beta = group["sign_beta"]
+        hps = [
+            (
+                group["lr"], 1.0 - group["momentum"],
+                1.0 - (sign_beta if sign_beta is not None else 0.0), group["weight_decay"],
+                s["log_m_ref"], s["log_m_ref"] - half, s["log_m_ref"] + half,
+                group["sigma"], scale,
+            )
+            for s in states
+        ]
+        separate = group["separate_momentum"]
+        drawn = self._drawn and separate
+        # The sample this update follows was drawn before ``step`` was incremented.
+        keys = [
+            self._keys(group, s["index"], s["step"] - 1, p.device) if drawn else None
+            for p, s in zip(params, states, strict=True)
+        ]
+        flags = dict(
+            separate=separate, interp=sign_beta is not None, drawn=drawn, noise=group["noise"],
+            mean=mean,
+        )
+        moms_neg = [s["momentum_neg"] for s in states] if separate else [None] * len(states)
+        if group["compiled"]:
+            fn = compiled(_update_tensor)
+            table = torch.tensor(hps, dtype=torch.float32, device=params[0].device)
+            for i, (p, s) in enumerate(zip(params, states, strict=True)):
+                fn(p, p.grad, s["log_median_pos"], s["log_median_neg"], s["momentum"],
+                   moms_neg[i], keys[i], table[i].to(p.device), **flags)
+        elif group["foreach"] is False:
+            for p, s, un, k, hp in zip(params, states, moms_neg, keys, hps, strict=True):
+                _update_tensor(p, p.grad, s["log_median_pos"], s["log_median_neg"],
+                               s["momentum"], un, k, hp, **flags)
+        else:
+            for idx in by_device(params):
+                _update_foreach(
+                    [params[i] for i in idx], [params[i].grad for i in idx],
+                    [states[i]["log_median_pos"] for i in idx],
+                    [states[i]["log_median_neg"] for i in idx],
+                    [states[i]["momentum"] for i in idx],
+                    [moms_neg[i] for i in idx] if separate else None,
+                    [keys[i] for i in idx], [hps[i] for i in idx], **flags,
+                )
+        if self._sampled is not None:
+            updated = set(params)
+            self._sampled = [p for p in self._sampled if p not in updated]
+
+
+def _scale(group: dict[str, Any]) -> tuple[float, bool]:
+    """The point-estimate scale and whether it applies (``point_estimate="mean"``)."""
+    if group["point_estimate"] == "mean":
+        return math.exp(group["sigma"] ** 2 / 2.0), True
+    return 1.0, False
+
+
+def _validate(g: dict[str, Any]) -> None:
+    """Check every LMD hyperparameter of a group (see :class:`LMD` for the ranges)."""
+    inf = math.inf
+    require_range("lr", g["lr"], 0.0, inf, low_open=True)
+    require_range("momentum", g["momentum"], 0.0, 1.0, high_open=True)
+    require_range("sigma", g["sigma"], 0.0, 1.0)
+    require_range("weight_decay", g["weight_decay"], 0.0, inf)
+    require_range("lr * weight_decay", g["lr"] * g["weight_decay"], 0.0, 1.0)
+    require_range("m_ref", g["m_ref"], 0.0, inf, low_open=True)
+    require(g["init"] in INITS, "init", g["init"], f"one of {INITS}")
+    require_range("init_sigma", g["init_sigma"], 0.0, 3.0, low_open=True)
+    if g["sign_beta"] is not None:
+        require_range("sign_beta", g["sign_beta"], 0.0, 1.0, high_open=True)
+    require(isinstance(g["separate_momentum"], bool), "separate_momentum",
+            g["separate_momentum"], "a bool")
+    require(g["point_estimate"] in ("median", "mean"), "point_estimate", g["point_estimate"],
+            "'median' or 'mean'")
+    require(g["noise"] in NOISE_KINDS, "noise", g["noise"], f"one of {NOISE_KINDS}")
+    require(g["adamw"] in ADAMW_MODES, "adamw", g["adamw"], f"one of {ADAMW_MODES}")
+    require_range("adamw_lr_ratio", g["adamw_lr_ratio"], 0.0, inf)
+    require_betas("betas", g["betas"])
+    require_range("eps", g["eps"], 0.0, inf)
+    require(isinstance(g["seed"], int) and not isinstance(g["seed"], bool), "seed", g["seed"],
+            "an int (or None to draw one)")
+    require(g["foreach"] in (None, True, False), "foreach", g["foreach"], "None or a bool")
+    require(isinstance(g["compiled"], bool), "compiled", g["compiled"], "a bool")

@@ -1,0 +1,185 @@
+"""Madam (Bernstein, Zhao, Meister, Liu, Anandkumar, Yue 2020), the reference ``jxbz/madam``.
+
+Per tensor, at its first step ``max = p_scale * sqrt(mean(p**2))`` (the RMS, not the std).
+Every step (``t`` counts this tensor's steps):
+
+    v     = 0.999 * v + 0.001 * g**2
+    g_hat = g / sqrt(v / (1 - 0.999**t));  NaN -> 0;  clamp to [-g_bound, g_bound]
+    p     = p * exp(-lr * g_hat * sign(p))
+    p     = clamp(p, -max, max)
+
+No momentum, no epsilon, no weight decay; beta2 = 0.999 is fixed. Weights that are exactly
+zero stay zero forever and signs never flip: the reference scripts avoid zero-initialised
+parameters, and here such tensors go to the AdamW rule by default (``adamw="auto"``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_lowprec.optim.base import (
+    ADAMW_MODES,
+    AdamWMode,
+    LowPrecisionOptimizer,
+    by_device,
+    compiled,
+    require,
+    require_betas,
+    require_range,
+)
+
+__all__ = ["Madam"]
+
+_BETA2 = 0.999
+
+
+def _update_tensor(p: Tensor, g: Tensor, v: Tensor, hp: Sequence[Any]) -> None:
+    """One Madam step of one tensor.
+
+    ``hp`` = (lr, 1 / (1 - 0.999**t), g_bound, max): floats eagerly, a 1-D fp32 tensor
+    compiled. The reference's ``NaN -> 0`` can only come from ``0 / 0``; written as a
+    ``where`` on the denominator (``x / 0`` for ``x != 0`` gives the reference's
+    ``+-g_bound`` after the clamp), it needs no per-element NaN test, which Inductor's CPU code
+    does in a scalar loop.
+    """
+    lr, inv_bias_correction, g_bound, p_max = hp
+    w = p.float()
+    g = g.float()
+    v.mul_(_BETA2).add_(g.square().mul_(1.0 - _BETA2))
+    denom = (v * inv_bias_correction).sqrt_()
+    g_hat = torch.where(denom > 0, g / denom, torch.sign(g) * g_bound)
+    g_hat.clamp_(-g_bound, g_bound)
+    w.mul_(torch.exp(g_hat.mul_(-lr).mul_(torch.sign(w)))).clamp_(-p_max, p_max)
+    if w is not p:
+        p.copy_(w)
+
+
+def _update_foreach(
+    ps: list[Tensor], gs: list[Tensor], vs: list[Tensor], hps: list[Sequence[float]]
+) -> None:
+    """:func:`_update_tensor` over lists with ``torch._foreach_*`` ops (same arithmetic)."""
+    lr, _, g_bound, _ = hps[0]
+    ws = [p.float() for p in ps]
+    gs = [g.float() for g in gs]
+    torch._foreach_mul_(vs, _BETA2)
+    g2 = torch._foreach_mul(gs, gs)
+    torch._foreach_mul_(g2, 1.0 - _BETA2)
+    torch._foreach_add_(vs, g2)
+    denom = torch._foreach_mul(vs, [hp[1] for hp in hps])
+    torch._foreach_sqrt_(denom)
+    g_hats = torch._foreach_div(gs, denom)
+    for g, d, g_hat in zip(gs, denom, g_hats, strict=True):
+        torch.where(d > 0, g_hat, torch.sign(g) * g_bound, out=g_hat)
+    torch._foreach_clamp_min_(g_hats, -g_bound)
+    torch._foreach_clamp_max_(g_hats, g_bound)
+    torch._foreach_mul_(g_hats, -lr)
+    torch._foreach_mul_(g_hats, torch._foreach_sign(ws))
+    torch._foreach_exp_(g_hats)
+    torch._foreach_mul_(ws, g_hats)
+    torch._foreach_clamp_min_(ws, [-hp[3] for hp in hps])
+    torch._foreach_clamp_max_(ws, [hp[3] for hp in hps])
+    for p, w in zip(ps, ws, strict=True):
+        if w is not p:
+            p.copy_(w)
+
+
+class Madam(LowPrecisionOptimizer):
+    """Madam with the reference semantics (module doc), plus the shared conveniences.
+
+    Beyond the reference: a ``foreach`` path and a ``compiled`` path (same arithmetic);
+    ``v`` is fp32 for bf16 parameters (an EMA with 0.999 stalls in bf16) and the update is
+    computed in fp32, then rounded into the parameter; a non-finite gradient skips the
+    tensor's step (the reference would let an inf into ``v`` and freeze the tensor) and counts
+    in ``optimizer.skipped_steps``; ``adamw="auto"`` (default) sends 1-D tensors (norm
+    weights, biases) and all-zero tensors, which Madam can never move, to an AdamW rule
+    (learning rate ``adamw_lr_ratio * lr``, ``betas``, ``eps``, ``weight_decay``; these four
+    apply only to that rule). ``adamw="never"`` is the reference on every tensor.
+
+    Args:
+        params: parameters or parameter groups (every argument below may be set per group).
+        lr: multiplicative step in nats per step (> 0); the reference default 0.01.
+        p_scale: clamp bound as a multiple of each tensor's initial RMS (> 0).
+        g_bound: clamp on the normalised gradient (> 0).
+        adamw: ``"auto"``, ``"always"`` or ``"never"``.
+        adamw_lr_ratio: the AdamW rule's learning rate as a multiple of ``lr`` (>= 0).
+        betas: the AdamW rule's ``(beta1, beta2)``, each in [0, 1).
+        eps: the AdamW rule's epsilon (>= 0).
+        weight_decay: the AdamW rule's decoupled weight decay (>= 0).
+        foreach: ``None``/``True`` use ``torch._foreach_*`` ops, ``False`` one tensor at a time.
+        compiled: run each tensor's update as one ``torch.compile``'d kernel.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.01,
+        p_scale: float = 3.0,
+        g_bound: float = 10.0,
+        *,
+        adamw: AdamWMode = "auto",
+        adamw_lr_ratio: float = 0.3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+        compiled: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, p_scale=p_scale, g_bound=g_bound, adamw=adamw,
+            adamw_lr_ratio=adamw_lr_ratio, betas=betas, eps=eps, weight_decay=weight_decay,
+            foreach=foreach, compiled=compiled,
+        )
+        _validate(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _validate(self.param_groups[-1])
+
+    def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        if state["adamw"]:
+            self._init_adamw_state(p, state)
+            return
+        state["max"] = group["p_scale"] * p.detach().float().square().mean().sqrt().item()
+        state["exp_avg_sq"] = torch.zeros_like(
+            p, dtype=torch.float32, memory_format=torch.contiguous_format
+        )
+
+    def _update(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        states = [self.state[p] for p in params]
+        hps = [
+            (group["lr"], 1.0 / (1.0 - _BETA2 ** s["step"]), group["g_bound"], s["max"])
+            for s in states
+        ]
+        if group["compiled"]:
+            fn = compiled(_update_tensor)
+            table = torch.tensor(hps, dtype=torch.float32, device=params[0].device)
+            for i, (p, s) in enumerate(zip(params, states, strict=True)):
+                fn(p, p.grad, s["exp_avg_sq"], table[i].to(p.device))
+        elif group["foreach"] is False:
+            for p, s, hp in zip(params, states, hps, strict=True):
+                _update_tensor(p, p.grad, s["exp_avg_sq"], hp)
+        else:
+            for idx in by_device(params):
+                _update_foreach([params[i] for i in idx], [params[i].grad for i in idx],
+                                [states[i]["exp_avg_sq"] for i in idx], [hps[i] for i in idx])
+
+
+def _validate(g: dict[str, Any]) -> None:
+    """Check every Madam hyperparameter of a group (see :class:`Madam` for the ranges)."""
+    inf = math.inf
+    require_range("lr", g["lr"], 0.0, inf, low_open=True)
+    require_range("p_scale", g["p_scale"], 0.0, inf, low_open=True)
+    require_range("g_bound", g["g_bound"], 0.0, inf, low_open=True)
+    require(g["adamw"] in ADAMW_MODES, "adamw", g["adamw"], f"one of {ADAMW_MODES}")
+    require_range("adamw_lr_ratio", g["adamw_lr_ratio"], 0.0, inf)
+    require_betas("betas", g["betas"])
+    require_range("eps", g["eps"], 0.0, inf)
+    require_range("weight_decay", g["weight_decay"], 0.0, inf)
+    require(g["foreach"] in (None, True, False), "foreach", g["foreach"], "None or a bool")
+    require(isinstance(g["compiled"], bool), "compiled", g["compiled"], "a bool")

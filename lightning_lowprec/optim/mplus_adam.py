@@ -1,0 +1,362 @@
+"""M+Adam: additive + multiplicative updates with weights stored in a low-precision format.
+
+Liang, Loeschcke, Toftrup, Anandkumar (arXiv 2607.10611), as summarised in RESEARCH.md §3:
+
+    w <- w + w * u_m + u_a                       (then rounded into the storage format)
+    u_a = -lr * m_hat / (sqrt(v_hat) + eps)      Adam on g: moves zeros, flips signs
+    g_e = ln 2 * w * g                           gradient w.r.t. the base-2 exponent of w
+    u_m = 2**(-lr_m * g_e / (sqrt(v_hat_e) + eps)) - 1   Madam-style relative step
+    decoupled weight decay: w * (1 - lr * weight_decay)
+
+An additive step smaller than half a unit in the last place of ``w`` rounds away (BF16:
+``|w| * 2**-9``), so large weights stop moving in a coarse format; the multiplicative step is
+relative, so it survives rounding once ``lr_m`` exceeds the format's relative half-ulp (BF16
+~0.2-0.4 %, E4M3 3-6 %). There is no FP32 master copy: the rounded weight *is* the weight.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_lowprec.optim.base import (
+    ADAMW_MODES,
+    AdamWMode,
+    LowPrecisionOptimizer,
+    by_device,
+    compiled,
+    require,
+    require_betas,
+    require_range,
+)
+from lightning_lowprec.optim.counter_rng import derive_keys, random_words
+from lightning_lowprec.quantize import quantize
+
+__all__ = ["STORAGE_FORMATS", "MPlusAdam"]
+
+Storage = Literal["bf16", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1"]
+STORAGE_FORMATS: dict[str | None, str | None] = {
+    None: None,
+    "bf16": None,
+    "fp8_e4m3": "fp8_e4m3",
+    "fp8_e5m2": "fp8_e5m2",
+    # There is no per-tensor FP4 format: one fp32 scale for a whole tensor leaves E2M1's 15
+    # values for all its weights, so almost everything would round to 0 or +-max. The OCP
+    # MX grid (one power-of-two scale per 32 consecutive elements) is the FP4 storage
+    # format hardware uses, and the only FP4 format here.
+    "fp4_e2m1": "mxfp4_e2m1",
+}
+"""Storage name -> the :func:`~lightning_lowprec.quantize` format that rounds into it."""
+DEFAULT_ROUNDING: dict[str | None, str] = {
+    None: "even", "bf16": "even", "fp8_e4m3": "stochastic", "fp8_e5m2": "stochastic",
+    "fp4_e2m1": "stochastic",
+}
+"""Round-to-nearest works for BF16; on FP8 grids with a per-tensor scale recomputed every step
+it diverged (M+Adam) or lost badly (AdamW), and stochastic rounding matched BF16 (measured)."""
+_LN2 = math.log(2.0)
+_PURPOSE_ROUND = 3
+_BF16_DROPPED_BITS = 0xFFFF
+
+
+def _round_bf16_stochastic(w: Tensor, keys: Tensor) -> Tensor:
+    """Round fp32 ``w`` to the BF16 grid stochastically: add 16 random bits, truncate.
+
+    Rounds the magnitude up with probability (dropped bits) / 2**16 for either sign (fp32 is
+    sign-magnitude), so the result is unbiased; finite values beyond BF16's max may become inf.
+    """
+    bits = w.contiguous().view(torch.int32)
+    noise = random_words(w.numel(), keys)[0].view_as(bits) & _BF16_DROPPED_BITS
+    return ((bits + noise) & ~_BF16_DROPPED_BITS).view(torch.float32)
+
+
+def _update_tensor(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor, ve: Tensor | None, keys: Tensor | None,
+    hp: Sequence[Any], *, bf16: str | None, write: bool,
+) -> Tensor | None:
+    """One M+Adam update of one tensor: the new weight in fp32, written into ``p`` or returned.
+
+    ``hp`` = (1 - beta1, 1 - beta2, eps, 1 - lr * weight_decay, -lr / (1 - beta1**t),
+    1 / sqrt(1 - beta2**t), -lr_m * ln 2): floats eagerly, a 1-D fp32 tensor when compiled
+    (reciprocals, so each branch costs one division). ``ve`` is ``None`` for tensors without
+    the multiplicative branch. ``bf16`` rounds the result onto the BF16 grid (``"even"`` or
+    ``"stochastic"`` with ``keys``); ``write`` copies it into ``p`` instead of returning it.
+    """
+    w1, w2, eps, decay, step_a, inv_bc2_sqrt, step_m = hp
+    w = p.float()
+    g = g.float()
+    m32, v32 = m.float(), v.float()
+    m32.lerp_(g, w1)
+    v32.lerp_(g * g, w2)
+    ua = (m32 * step_a).div_(v32.sqrt().mul_(inv_bc2_sqrt).add_(eps))
+    if ve is not None:
+        ve32 = ve.float()
+        ge = (w * g).mul_(_LN2)
+        ve32.lerp_(ge * ge, w2)
+        de = ge.div_(ve32.sqrt().mul_(inv_bc2_sqrt).add_(eps)).mul_(step_m)
+        w_new = (w * torch.expm1(de).add_(decay)).add_(ua)
+        if ve32 is not ve:
+            ve.copy_(ve32)
+    else:
+        w_new = (w * decay).add_(ua)
+    for state, value in ((m, m32), (v, v32)):
+        if value is not state:
+            state.copy_(value)
+    if bf16 == "even":
+        w_new = w_new.to(torch.bfloat16).float()
+    elif bf16 == "stochastic":
+        w_new = _round_bf16_stochastic(w_new, keys)
+    if write:  # and return nothing: a returned tensor is one more allocation and pass
+        p.copy_(w_new)
+        return None
+    return w_new
+
+
+def _update_foreach(
+    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor],
+    ves: list[Tensor] | None, hps: list[Sequence[float]],
+) -> list[Tensor]:
+    """:func:`_update_tensor` (before rounding) over lists with ``torch._foreach_*`` ops."""
+    w1, w2, eps, decay, _, _, step_m = hps[0]
+    step_as, inv_bc2s = [hp[4] for hp in hps], [hp[5] for hp in hps]
+    ws = [p.float() for p in ps]
+    gs = [g.float() for g in gs]
+    m32s, v32s = [m.float() for m in ms], [v.float() for v in vs]
+    torch._foreach_lerp_(m32s, gs, w1)
+    torch._foreach_lerp_(v32s, torch._foreach_mul(gs, gs), w2)
+    uas = torch._foreach_mul(m32s, step_as)
+    denom = torch._foreach_sqrt(v32s)
+    torch._foreach_mul_(denom, inv_bc2s)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_div_(uas, denom)
+    if ves is not None:
+        ve32s = [ve.float() for ve in ves]
+        ges = torch._foreach_mul(ws, gs)
+        torch._foreach_mul_(ges, _LN2)
+        torch._foreach_lerp_(ve32s, torch._foreach_mul(ges, ges), w2)
+        denom = torch._foreach_sqrt(ve32s)
+        torch._foreach_mul_(denom, inv_bc2s)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_div_(ges, denom)
+        torch._foreach_mul_(ges, step_m)
+        factors = torch._foreach_expm1(ges)
+        torch._foreach_add_(factors, decay)
+        w_news = torch._foreach_mul(ws, factors)
+        pairs = list(zip(ves, ve32s, strict=True))
+    else:
+        w_news = torch._foreach_mul(ws, decay)
+        pairs = []
+    torch._foreach_add_(w_news, uas)
+    pairs += list(zip(ms, m32s, strict=True)) + list(zip(vs, v32s, strict=True))
+    for state, value in pairs:
+        if value is not state:
+            state.copy_(value)
+    return w_news
+
+
+class MPlusAdam(LowPrecisionOptimizer):
+    """M+Adam: ``w <- w + w * u_m + u_a`` rounded into a storage format (see module doc).
+
+    **Storage** (``storage``): after each update the weight is rounded into
+    ``None`` (the parameter's own dtype: nothing for fp32, BF16 for a bf16 parameter),
+    ``"bf16"``, ``"fp8_e4m3"`` / ``"fp8_e5m2"`` (one fp32 scale per tensor, recomputed every
+    step) or ``"fp4_e2m1"`` (the MXFP4 grid: a power-of-two scale per 32 elements along the last
+    dim; there is no per-tensor FP4). The rounded value is written into the parameter, whose
+    dtype holds it exactly for BF16 storage; for FP8/FP4 keep the parameter fp32 (emulation:
+    a bf16 tensor cannot hold a per-tensor-scaled FP8 value exactly). No FP32 copy is kept.
+
+    **Rounding** (``rounding``): ``"even"`` (round to nearest, ties to even) or ``"stochastic"``
+    (unbiased). ``None`` picks per storage: ``"even"`` for ``None``/``"bf16"`` (measured fine),
+    ``"stochastic"`` for FP8 and FP4 (round-to-nearest diverged there). Stochastic draws are a
+    pure function of (seed, parameter, step), so resuming and DDP ranks agree.
+
+    **State**: ``exp_avg``, ``exp_avg_sq`` and the multiplicative branch's ``exp_avg_sq_mult``
+    (AdamW's two plus one), in ``state_dtype``: ``None`` means bf16 for a bf16 parameter and
+    fp32 otherwise; BF16 state was measured fine with ``betas=(0.9, 0.95)``.
+
+    **Defaults** are the measured working point of RESEARCH.md §3: ``lr=3e-3`` (AdamW's lr
+    there), ``lr_m = 3 * lr``, ``betas=(0.9, 0.95)``, ``weight_decay=0.1``. ``lr_m_ratio``
+    ties ``lr_m`` to ``lr`` so that a schedule on ``lr`` moves both branches. Under
+    round-to-nearest a multiplicative step survives only if ``ln2 * lr_m`` exceeds the
+    format's relative half-ulp, which for BF16 is up to ``2**-8``: with ``lr_m >= 5.6e-3``
+    (the default 9e-3) every BF16 weight keeps moving; at ``lr_m = 3e-3`` a weight of 1000
+    moves down to ~964 and stops. When a schedule takes ``lr_m`` lower, use
+    ``rounding="stochastic"``, whose updates survive in expectation at any size.
+
+    **Zeros and 1-D tensors** need no special rule: the additive branch moves them. ``adamw``
+    (default ``"never"``) can still turn the multiplicative branch off for a group
+    (``"always"``) or for 1-D and all-zero tensors (``"auto"``), e.g. from
+    :func:`~lightning_lowprec.optim.param_groups`; storage rounding applies either way.
+
+    **Non-finite gradients** skip that parameter's update (weight, state and step count
+    untouched) and count in ``optimizer.skipped_steps``.
+
+    Args:
+        params: parameters or parameter groups (every argument below may be set per group).
+        lr: learning rate of the additive branch, in weight units per step (> 0).
+        betas: ``(beta1, beta2)``; ``beta2`` also drives the multiplicative second moment.
+        eps: added to both root second moments (>= 0).
+        weight_decay: decoupled weight decay, ``w *= 1 - lr * weight_decay`` (>= 0).
+        lr_m_ratio: learning rate of the multiplicative branch (in units of the exponent: a
+            step of ``lr_m`` scales ``w`` by up to ``2**-lr_m``) as a multiple of ``lr`` (>= 0).
+        storage: ``None``, ``"bf16"``, ``"fp8_e4m3"``, ``"fp8_e5m2"`` or ``"fp4_e2m1"``.
+        rounding: ``None`` (per storage), ``"even"`` or ``"stochastic"``.
+        state_dtype: ``None``, ``torch.float32``/``"float32"`` or ``torch.bfloat16``/``"bfloat16"``.
+        adamw: ``"never"``, ``"auto"`` or ``"always"`` (see above).
+        seed: base of the stochastic-rounding streams; ``None`` draws one from torch's global
+            generator.
+        foreach: ``None``/``True`` use ``torch._foreach_*`` ops, ``False`` one tensor at a time.
+        compiled: run each tensor's update (and BF16 rounding) as one ``torch.compile``'d kernel.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        *,
+        lr_m_ratio: float = 3.0,
+        storage: Storage | None = None,
+        rounding: Literal["even", "stochastic"] | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        adamw: AdamWMode = "never",
+        seed: int | None = None,
+        foreach: bool | None = None,
+        compiled: bool = False,
+    ) -> None:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_m_ratio=lr_m_ratio,
+            storage=storage, rounding=rounding, state_dtype=state_dtype, adamw=adamw,
+            seed=seed, foreach=foreach, compiled=compiled,
+        )
+        _validate(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _validate(self.param_groups[-1])
+
+    def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        dtype = _state_dtype(group["state_dtype"], p)
+        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        if not state["adamw"]:
+            state["exp_avg_sq_mult"] = torch.zeros_like(state["exp_avg"])
+        rounding = group["rounding"] or DEFAULT_ROUNDING[group["storage"]]
+        require(not (group["storage"] is None and rounding == "stochastic"
+                     and p.dtype == torch.float16), "rounding", rounding,
+                "'even' for float16 parameters without storage (stochastic BF16 only)")
+
+    def _adamw_rule(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        # The AdamW rule of M+Adam is M+Adam without its multiplicative branch.
+        self._update(group, params)
+
+    def _update(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        storage = group["storage"]
+        rounding = group["rounding"] or DEFAULT_ROUNDING[storage]
+        lr = group["lr"]
+        for mult in (True, False):
+            subset = [p for p in params if ("exp_avg_sq_mult" in self.state[p]) == mult]
+            if not subset:
+                continue
+            states = [self.state[p] for p in subset]
+            hps = [
+                (1.0 - beta1, 1.0 - beta2, group["eps"], 1.0 - lr * group["weight_decay"],
+                 -lr / (1.0 - beta1 ** s["step"]), 1.0 / math.sqrt(1.0 - beta2 ** s["step"]),
+                 -lr * group["lr_m_ratio"] * _LN2)
+                for s in states
+            ]
+            ves = [s["exp_avg_sq_mult"] for s in states] if mult else [None] * len(states)
+            bf16 = [
+                rounding if storage == "bf16" or (storage is None and p.dtype == torch.bfloat16)
+                else None
+                for p in subset
+            ]
+            words = [
+                derive_keys(group["seed"], s["index"], s["step"], _PURPOSE_ROUND)
+                if rounding == "stochastic" else None
+                for s in states
+            ]
+            keys = [
+                torch.tensor(w, dtype=torch.int32, device=p.device) if b == "stochastic" else None
+                for p, w, b in zip(subset, words, bf16, strict=True)
+            ]
+            quantized = STORAGE_FORMATS[storage] is not None
+            if group["compiled"] or group["foreach"] is False:
+                fn = compiled(_update_tensor) if group["compiled"] else _update_tensor
+                table = None
+                if group["compiled"]:
+                    table = torch.tensor(hps, dtype=torch.float32, device=subset[0].device)
+                w_news = []
+                for i, (p, s) in enumerate(zip(subset, states, strict=True)):
+                    hp = table[i].to(p.device) if table is not None else hps[i]
+                    w_news.append(fn(p, p.grad, s["exp_avg"], s["exp_avg_sq"], ves[i], keys[i],
+                                     hp, bf16=bf16[i], write=not quantized))
+            else:
+                w_news = [None] * len(subset)
+                for idx in by_device(subset):
+                    outs = _update_foreach(
+                        [subset[i] for i in idx], [subset[i].grad for i in idx],
+                        [states[i]["exp_avg"] for i in idx],
+                        [states[i]["exp_avg_sq"] for i in idx],
+                        [ves[i] for i in idx] if mult else None, [hps[i] for i in idx],
+                    )
+                    for i, w in zip(idx, outs, strict=True):
+                        w_news[i] = w
+                for i, p in enumerate(subset):
+                    w = w_news[i]
+                    if bf16[i] == "even":
+                        w = w.to(torch.bfloat16).float()
+                    elif bf16[i] == "stochastic":
+                        w = _round_bf16_stochastic(w, keys[i])
+                    if not quantized:
+                        p.copy_(w)
+            if quantized:
+                for p, w, k in zip(subset, w_news, words, strict=True):
+                    p.copy_(quantize(w, STORAGE_FORMATS[storage], rounding=rounding,
+                                     generator=_generator(k, p.device)))
+
+
+def _generator(words: list[int] | None, device: torch.device) -> torch.Generator | None:
+    """A generator seeded from the rounding keys (``None`` for round-to-nearest)."""
+    if words is None:
+        return None
+    a, b = (k & 0xFFFFFFFF for k in words[:2])
+    return torch.Generator(device=device).manual_seed((a << 31) ^ b)
+
+
+def _state_dtype(name: torch.dtype | str | None, p: Tensor) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if p.dtype == torch.bfloat16 else torch.float32
+    return getattr(torch, name) if isinstance(name, str) else name
+
+
+def _validate(g: dict[str, Any]) -> None:
+    """Check every M+Adam hyperparameter of a group (see :class:`MPlusAdam` for the ranges)."""
+    inf = math.inf
+    require_range("lr", g["lr"], 0.0, inf, low_open=True)
+    require_betas("betas", g["betas"])
+    require_range("eps", g["eps"], 0.0, inf)
+    require_range("weight_decay", g["weight_decay"], 0.0, inf)
+    require_range("lr * weight_decay", g["lr"] * g["weight_decay"], 0.0, 1.0)
+    require_range("lr_m_ratio", g["lr_m_ratio"], 0.0, inf)
+    require(g["storage"] in STORAGE_FORMATS, "storage", g["storage"],
+            f"one of {tuple(STORAGE_FORMATS)}")
+    require(g["rounding"] in (None, "even", "stochastic"), "rounding", g["rounding"],
+            "None, 'even' or 'stochastic'")
+    valid_dtypes = (None, "float32", "bfloat16", torch.float32, torch.bfloat16)
+    require(g["state_dtype"] in valid_dtypes, "state_dtype", g["state_dtype"],
+            "None, float32 or bfloat16 (a torch.dtype or its name)")
+    require(g["adamw"] in ADAMW_MODES, "adamw", g["adamw"], f"one of {ADAMW_MODES}")
+    require(isinstance(g["seed"], int) and not isinstance(g["seed"], bool), "seed", g["seed"],
+            "an int (or None to draw one)")
+    require(g["foreach"] in (None, True, False), "foreach", g["foreach"], "None or a bool")
+    require(isinstance(g["compiled"], bool), "compiled", g["compiled"], "a bool")

@@ -1,0 +1,194 @@
+"""M+Adam: the poster's capability table, storage rounding, the additive branch = AdamW."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_lowprec import Madam, MPlusAdam, quantize
+from lightning_lowprec.optim.counter_rng import derive_keys
+from lightning_lowprec.optim.mplus_adam import _round_bf16_stochastic
+
+
+def steps(opt, p, grad, n):
+    for _ in range(n):
+        p.grad = torch.full_like(p, grad)
+        opt.step()
+
+
+# -- the poster's table: additive | multiplicative | escapes zero | moves large |w| ----------
+
+
+@settings(max_examples=20, deadline=None)
+@given(grad=st.floats(1e-6, 1e3) | st.floats(-1e3, -1e-6), lr=st.floats(1e-4, 1e-2),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_a_weight_at_exactly_zero_moves(grad, lr, dtype):
+    p = torch.nn.Parameter(torch.zeros(4, 4, dtype=dtype))
+    opt = MPlusAdam([p], lr=lr)
+    steps(opt, p, grad, 1)
+    assert (p != 0).all() and (torch.sign(p) == -torch.sign(torch.tensor(grad))).all()
+
+
+def test_madam_cannot_escape_zero():
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    opt = Madam([p], adamw="never")
+    steps(opt, p, 1.0, 10)
+    assert (p == 0).all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(w0=st.floats(1e-3, 0.1), lr=st.floats(1e-3, 1e-2))
+def test_a_weight_can_change_sign(w0, lr):
+    p = torch.nn.Parameter(torch.full((4, 4), w0))
+    opt = MPlusAdam([p], lr=lr, weight_decay=0.0)
+    for _ in range(2000):
+        steps(opt, p, 1.0, 1)
+        if (p < 0).all():
+            break
+    assert (p < 0).all()
+
+
+def test_large_bf16_weight_keeps_moving_where_adamw_stalls():
+    # BF16 spacing at 1000 is 4: AdamW's step (~lr) rounds away; M+Adam's relative step at
+    # the defaults (lr_m = 9e-3: 1000 * (1 - 2**-9e-3) = 6.2 > 2) survives round-to-nearest.
+    w = torch.full((8, 8), 1000.0, dtype=torch.bfloat16)
+    for sign in (1.0, -1.0):
+        p, q = torch.nn.Parameter(sign * w.clone()), torch.nn.Parameter(sign * w.clone())
+        mplus = MPlusAdam([p], weight_decay=0.0)
+        adamw = torch.optim.AdamW([q], lr=mplus.defaults["lr"], weight_decay=0.0)
+        trajectory = []
+        for _ in range(20):
+            for opt, t in ((mplus, p), (adamw, q)):
+                t.grad = torch.full_like(t, 1e-3)
+                opt.step()
+            trajectory.append(p.detach()[0, 0].item())
+        assert torch.equal(q, sign * w)  # AdamW on bf16 weights: stalled
+        assert len(set(trajectory)) == 20  # M+Adam: a new value every step
+        assert trajectory[-1] < sign * 1000 - 80  # downhill, for either sign
+
+
+@settings(max_examples=20, deadline=None)
+@given(w=st.floats(64.0, 1e4), grad=st.sampled_from([-1e-4, 1e-4, 3.0]))
+def test_large_bf16_weights_move_at_every_size(w, grad):
+    # At the defaults ln2 * lr_m = 0.62 % exceeds BF16's largest relative half-ulp (0.39 %).
+    p = torch.nn.Parameter(torch.full((4, 4), w, dtype=torch.bfloat16))
+    opt = MPlusAdam([p], weight_decay=0.0)
+    before = p.detach().clone()
+    steps(opt, p, grad, 1)
+    assert ((p - before).sign() == -torch.sign(torch.tensor(grad))).all()
+
+
+# -- the branches -------------------------------------------------------------------------------
+
+
+def test_without_the_multiplicative_branch_it_is_adamw():
+    torch.manual_seed(0)
+    w = torch.randn(16, 16)
+    p, q = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    mplus = MPlusAdam([p], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, lr_m_ratio=0.0)
+    adamw = torch.optim.AdamW([q], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, foreach=False)
+    for _ in range(20):
+        g = torch.randn(16, 16)
+        p.grad, q.grad = g.clone(), g.clone()
+        mplus.step()
+        adamw.step()
+    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_multiplicative_step_is_relative():
+    # With weights of different scales and gradients that make g_e equal, the relative
+    # change is the same: the update is w * u_m plus an additive part ~lr.
+    p = torch.nn.Parameter(torch.tensor([[1.0, 100.0]]))
+    opt = MPlusAdam([p], lr=1e-8, lr_m_ratio=1e6, weight_decay=0.0, eps=0.0)  # lr_m = 1e-2
+    p.grad = torch.tensor([[1.0, 0.01]])
+    opt.step()
+    ratio = (p / torch.tensor([[1.0, 100.0]])).detach()
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 2.0**-1e-2), rtol=1e-6, atol=0)
+
+
+# -- storage and rounding -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("storage", "fmt"), [
+    ("bf16", None), ("fp8_e4m3", "fp8_e4m3"), ("fp8_e5m2", "fp8_e5m2"),
+    ("fp4_e2m1", "mxfp4_e2m1"),
+])
+@pytest.mark.parametrize("rounding", [None, "even", "stochastic"])
+def test_storage_rounds_onto_the_format_grid(storage, fmt, rounding):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 64))
+    opt = MPlusAdam([p], lr=1e-2, storage=storage, rounding=rounding, seed=0)
+    for _ in range(3):
+        p.grad = torch.randn(8, 64)
+        opt.step()
+        if fmt is None:
+            assert torch.equal(p.detach().bfloat16().float(), p.detach())
+        else:
+            assert torch.equal(quantize(p.detach(), fmt), p.detach())
+
+
+def test_default_rounding_per_storage():
+    from lightning_lowprec.optim.mplus_adam import DEFAULT_ROUNDING
+
+    assert DEFAULT_ROUNDING == {None: "even", "bf16": "even", "fp8_e4m3": "stochastic",
+                                "fp8_e5m2": "stochastic", "fp4_e2m1": "stochastic"}
+
+
+def test_stochastic_bf16_rounding_is_unbiased_and_picks_a_neighbour():
+    x = torch.tensor([1.0 + 2**-9, -3.0 - 2**-10, 1000.3, -1e-20, 0.0, 7.0])
+    low = x.bfloat16().float()
+    n = 20000
+    xs = x.repeat(n)
+    keys = torch.tensor(derive_keys(0, 1), dtype=torch.int32)
+    r = _round_bf16_stochastic(xs, keys).view(n, -1)
+    assert torch.equal(r.bfloat16().float(), r)
+    below = torch.nextafter(x.abs().bfloat16(), torch.tensor(0.0, dtype=torch.bfloat16)).float()
+    above = torch.nextafter(x.abs().bfloat16(), torch.tensor(1e38, dtype=torch.bfloat16)).float()
+    for j in range(x.numel()):
+        values = set(r[:, j].abs().tolist())
+        assert values <= {below[j].item(), low[j].abs().item(), above[j].item()}
+    mean = r.double().mean(0)
+    spacing = (above - below).double() / 2
+    assert ((mean - x.double()).abs() <= 5 * spacing / n**0.5 + 1e-30).all()
+    assert r[:, 4].eq(0).all() and r[:, 5].eq(7.0).all()  # grid values stay put
+
+
+def test_bf16_parameters_with_bf16_state():
+    p = torch.nn.Parameter(torch.randn(8, 8, dtype=torch.bfloat16))
+    opt = MPlusAdam([p])
+    steps(opt, p, 0.1, 2)
+    assert p.dtype == torch.bfloat16
+    assert {v.dtype for v in opt.state[p].values() if torch.is_tensor(v)} == {torch.bfloat16}
+    opt32 = MPlusAdam([p], state_dtype=torch.float32)
+    steps(opt32, p, 0.1, 1)
+    assert {v.dtype for v in opt32.state[p].values() if torch.is_tensor(v)} == {torch.float32}
+    assert len([v for v in opt.state[p].values() if torch.is_tensor(v)]) == 3  # AdamW + 1
+
+
+def test_float16_parameters_need_storage_for_stochastic_rounding():
+    p = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float16))
+    opt = MPlusAdam([p], rounding="stochastic")
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="Invalid rounding: 'stochastic'"):
+        opt.step()
+
+
+@pytest.mark.slow
+def test_compiled_matches_eager():
+    results = []
+    for mode in ({"foreach": False}, {"compiled": True}):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in ((16, 40), (40,), (3, 5, 7))]
+        opt = MPlusAdam(params, storage="bf16", rounding="stochastic", seed=1, adamw="auto",
+                        **mode)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=0)  # at most one bf16 step apart
+        assert (a != b).float().mean() < 0.01
