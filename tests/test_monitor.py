@@ -394,6 +394,29 @@ def test_under_bf16_autocast_the_statistics_are_of_the_bf16_operands(tmp_path, t
         assert scalars[f"{tag}/{operand}_flushed_frac"][1] == pytest.approx(flushed, abs=1e-6)
 
 
+def test_medians_at_the_soft_clip_bounds_are_counted_within_the_margin():
+    model = nn.Sequential(nn.Linear(8, 4, bias=False))
+    layer = model[0]
+    optimizer = LMD(layer.parameters(), lr=0.1, weight_decay=0.5, seed=0)  # bounds at ±2 nats
+    layer.weight.grad = torch.randn(4, 8)
+    optimizer.step()
+    state = optimizer.state[layer.weight]
+    log_m_ref = state["log_m_ref"]
+    with torch.no_grad():
+        state["log_median_pos"][0] = log_m_ref + 2.0  # on the upper bound
+        state["log_median_neg"][1, :4] = log_m_ref - 2.0 + 0.015  # within 1% of the half-width
+        state["log_median_neg"][2, :4] = log_m_ref - 2.0 + 0.025  # just outside
+    recorder = _Recorder(1, False, False, MARGIN)
+    recorder.watch(model)
+    scalars, _ = recorder.collect([optimizer])
+    assert scalars["lmd/0/at_bound_frac"] == pytest.approx(12 / 64)
+
+    optimizer.param_groups[0]["weight_decay"] = 0.0  # no decay, no bounds
+    scalars, _ = recorder.collect([optimizer])
+    assert scalars["lmd/0/at_bound_frac"] == 0.0
+    assert scalars["lmd/0/sign_flip_frac"] == 0.0  # nothing moved since the previous collect
+
+
 # -- rank, resume, misuse -------------------------------------------------------------------
 
 

@@ -27,16 +27,20 @@ name without ``.weight``, e.g. ``gpt.transformer.h.0.attn.qkv``):
                                                (``<kind>``: ``row``, ``column``, ``scalar``).
 ``lmd/<layer>/logm_mean``, ``logm_std``        mean and standard deviation of the log-medians
                                                ``log(m±/m_ref)`` of the layer, both signs pooled,
-                                               in nats (0 = the reference median).
-``lmd/<layer>/at_bound_frac``                  fraction of the medians within ``bound_margin``
-                                               of the soft-clip bounds ``m_ref·e^{±1/λ}``
+                                               in nats (0 = the reference median). With one
+                                               shared momentum and ``init="from_weights"`` (LMD's
+                                               defaults) the mean stays at 0: each step moves
+                                               ``log m+`` and ``log m−`` by opposite amounts.
+``lmd/<layer>/at_bound_frac``                  fraction of the medians within ``bound_margin/λ``
+                                               nats of the soft-clip bounds ``m_ref·e^{±1/λ}``
                                                (0 without decay, which has no bounds).
 ``lmd/<layer>/sign_flip_frac``                 fraction of the layer's weights whose sign
                                                changed since the previous log (from the second
                                                log on: the first one sets the reference).
 ``quant/<layer>/weight_sqnr_db``, ``act_...``  signal-to-quantization-noise ratio of the
                                                layer's weight / input activations,
-                                               ``10·log10(Σx² / Σ(x − Q(x))²)`` in dB.
+                                               ``10·log10(Σx² / Σ(x − Q(x))²)`` in dB (+inf
+                                               where the quantization is exact).
 ``quant/<layer>/weight_saturated_frac``, …     fraction of the operand's elements beyond the
                                                largest magnitude of their MX block (clamped by
                                                the quantizer; always 0 for per-tensor ``fp8_*``).
@@ -69,6 +73,9 @@ step ``k − 1`` to the end of step ``k``, one extra quantization of every quant
 per training forward of step ``k`` and of its weight, a few reductions per parameter, and one
 device-to-host transfer. Persistently, 1 bit per LMD weight (the sign reference). The benchmark
 ``benchmarks/monitor.py`` measures the overhead at the default interval.
+
+``torch.compile``: adding and removing the forward hooks around a logged step makes a compiled
+model recompile; with a compiled model, log rarely or expect that cost per log.
 
 Distributed: only global rank 0 computes and logs, from its own replica, so the activation
 statistics are those of rank 0's batch. Under DDP the weights and gradients are the same on
@@ -450,6 +457,8 @@ class FabricNormMonitor:
     ``on_after_optimizer_step``, both fired by Fabric itself, so loops that call neither
     ``fabric.call`` nor the monitor — LitGPT's scripts, with the callback registered under the
     entry-point group ``lightning.fabric.callbacks_factory`` — are monitored as they are.
+    (LitGPT logs its own metrics at iteration numbers, which count micro-batches: with gradient
+    accumulation its x-axis runs that many times faster than the monitor's.)
 
     ``fabric.setup_module`` alone does not fire ``on_after_setup`` (LitGPT's LoRA script uses
     it): call ``monitor.on_after_setup(fabric, model)`` yourself after it. To carry the step
@@ -503,16 +512,13 @@ class FabricNormMonitor:
                 )
             return
         self._step += 1
-        if self._recorder.armed:
-            if self._recorder.logs_at(self._step):
-                if self._recorder.gradients is None:
-                    clipped = strategy.precision.main_params(optimizer)
-                    self._recorder.record_gradients(optimizer, clipped)
-                scalars, histograms = self._recorder.collect([optimizer])
-                self._fabric.log_dict(scalars, step=self._step)
-                _write_histograms(self._fabric.loggers, histograms, self._step)
-            else:
-                self._recorder.disarm()
+        if self._recorder.armed:  # armed at the previous step for this one
+            if self._recorder.gradients is None:  # the loop did not clip
+                clipped = strategy.precision.main_params(optimizer)
+                self._recorder.record_gradients(optimizer, clipped)
+            scalars, histograms = self._recorder.collect([optimizer])
+            self._fabric.log_dict(scalars, step=self._step)
+            _write_histograms(self._fabric.loggers, histograms, self._step)
         if self._recorder.logs_at(self._step + 1):
             self._recorder.arm()
 
