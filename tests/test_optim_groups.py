@@ -74,3 +74,23 @@ def test_groups_feed_every_optimizer(cls):
     if cls is not torch.optim.AdamW:
         assert opt.state[model.wte.weight]["adamw"] and not opt.state[model.fc.weight]["adamw"]
         assert opt.state[model.row]["adamw"]
+
+
+def test_multiplied_embedding_stays_an_embedding_and_multipliers_get_their_lr():
+    from litgpt import GPT, Config
+
+    from lightning_lowprec.multipliers import add_multipliers
+
+    gpt = GPT(Config.from_name("pythia-14m", n_layer=1, vocab_size=256, padded_vocab_size=256))
+    add_multipliers(gpt, placement="paper")
+    groups = {g["name"]: g for g in param_groups(gpt, lr=1e-3, multiplier_lr_ratio=3.0)}
+    stored_wte = gpt.transformer.wte.parametrizations.weight.original
+    assert any(p is stored_wte for p in groups["embeddings"]["params"])
+    assert not any(p is stored_wte for p in groups["matrices"]["params"])
+    assert groups["multipliers"]["lr"] == pytest.approx(3e-3)
+    assert groups["multipliers"]["weight_decay"] == 2e-3
+    assert {g["lr"] for n, g in groups.items() if n != "multipliers"} == {1e-3}
+    with pytest.raises(ValueError, match="multiplier_lr_ratio"):
+        param_groups(gpt, multiplier_lr_ratio=3.0)
+    with pytest.raises(ValueError, match="Invalid lr"):
+        param_groups(gpt, lr=0.0)

@@ -7,7 +7,9 @@
 * ``"norms_biases"``: 1-D and 0-dim parameters; no weight decay.
 * ``"embeddings"``: the weights of ``nn.Embedding`` modules; ``embedding_weight_decay``.
 * ``"multipliers"``: learnable multipliers (arXiv 2601.04890), weight decay 2e-3: the scale
-  symmetries they introduce make them drift and blow up in BF16 without it.
+  symmetries they introduce make them drift and blow up in BF16 without it; and their own
+  learning rate ``multiplier_lr_ratio * lr`` (the paper gives no ratio: the default 1.0 is a
+  choice, not a finding).
 
 Groups named in ``adamw`` carry ``"adamw": "always"``, which LMD, Madam and M+Adam read as
 "use the AdamW rule here" (RESEARCH.md: biases, norms and embeddings on AdamW is the sound
@@ -25,6 +27,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 __all__ = ["GROUP_NAMES", "MULTIPLIER_ATTR", "is_multiplier", "mark_multiplier", "param_groups"]
 
@@ -50,6 +53,8 @@ def param_groups(
     *,
     embedding_weight_decay: float | None = None,
     multiplier_weight_decay: float = 2e-3,
+    lr: float | None = None,
+    multiplier_lr_ratio: float = 1.0,
     adamw: Iterable[str] = ("norms_biases", "embeddings", "multipliers"),
 ) -> list[dict[str, Any]]:
     """Split ``model``'s trainable parameters into named groups (see module doc).
@@ -63,17 +68,32 @@ def param_groups(
         weight_decay: decay of the matrices (for LMD, its log-space ``lambda``).
         embedding_weight_decay: decay of the embeddings; ``None`` means ``weight_decay``.
         multiplier_weight_decay: decay of the learnable multipliers.
+        lr: the base learning rate; when given, every group carries ``"lr"`` (otherwise the
+            groups take the optimizer's default ``lr``).
+        multiplier_lr_ratio: the multipliers' learning rate as a multiple of ``lr``; a ratio
+            other than 1.0 needs ``lr``.
         adamw: names of the groups that get ``"adamw": "always"``; ``()`` for none.
 
     Raises:
-        ValueError: a name in ``adamw`` is not one of :data:`GROUP_NAMES`.
+        ValueError: a name in ``adamw`` is not one of :data:`GROUP_NAMES`; a non-positive
+            ``lr`` or ``multiplier_lr_ratio``; a ratio other than 1.0 without ``lr``.
     """
     adamw = tuple(adamw)
     unknown = [n for n in adamw if n not in GROUP_NAMES]
     if unknown:
         raise ValueError(f"Invalid adamw: {unknown!r}; expected names from {GROUP_NAMES}.")
+    if lr is not None and not lr > 0:
+        raise ValueError(f"Invalid lr: {lr!r}; expected lr > 0.")
+    if not multiplier_lr_ratio > 0:
+        raise ValueError(
+            f"Invalid multiplier_lr_ratio: {multiplier_lr_ratio!r}; expected a ratio > 0."
+        )
+    if lr is None and multiplier_lr_ratio != 1.0:
+        raise ValueError(
+            f"multiplier_lr_ratio={multiplier_lr_ratio!r} needs the base lr: pass lr=... too."
+        )
     embedding_ids = {
-        id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)
+        id(_stored_weight(m)) for m in model.modules() if isinstance(m, nn.Embedding)
     }
     buckets: dict[str, list[Tensor]] = {name: [] for name in GROUP_NAMES}
     for p in model.parameters():  # yields a tied parameter once
@@ -99,7 +119,17 @@ def param_groups(
             group: dict[str, Any] = {
                 "params": buckets[name], "name": name, "weight_decay": decay[name],
             }
+            if lr is not None:
+                group["lr"] = lr * multiplier_lr_ratio if name == "multipliers" else lr
             if name in adamw:
                 group["adamw"] = "always"
             groups.append(group)
     return groups
+
+
+def _stored_weight(module: nn.Module) -> Tensor:
+    """The weight Parameter a module stores: with multipliers (a parametrization),
+    ``module.weight`` is recomputed on every access and the Parameter is the original."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
