@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from benchmarks.quantize import torchao_mx_dtype
 from benchmarks.timing import best_time, print_table, write_json
 from lightning_lowprec import FORMATS, QuantizedLinear
 
@@ -33,17 +34,10 @@ def torchao_linear(base: nn.Linear, fmt: str) -> nn.Module | None:
     """torchao's MXFakeQuantizedLinear sharing ``base``'s parameters, or None without a peer."""
     try:
         from torchao.prototype.mx_formats.config import ScaleCalculationMode
-        from torchao.prototype.mx_formats.constants import DTYPE_FP6_E2M3, DTYPE_FP6_E3M2
         from torchao.prototype.qat.mx import MXFakeQuantizeConfig, MXFakeQuantizedLinear
     except ImportError:
         return None
-    elem = {
-        "mxfp8_e4m3": torch.float8_e4m3fn,
-        "mxfp8_e5m2": torch.float8_e5m2,
-        "mxfp6_e3m2": DTYPE_FP6_E3M2,
-        "mxfp6_e2m3": DTYPE_FP6_E2M3,
-        "mxfp4_e2m1": torch.float4_e2m1fn_x2,
-    }.get(fmt)
+    elem = torchao_mx_dtype(fmt)
     if elem is None:
         return None
     config = MXFakeQuantizeConfig(dtype=elem, scaling_mode=ScaleCalculationMode.FLOOR)

@@ -22,6 +22,21 @@ from lightning_lowprec.formats import FORMATS, Format
 from lightning_lowprec.quantize import quantize
 
 
+def torchao_mx_dtype(name: str) -> torch.dtype | str | None:
+    """torchao's element dtype for one of our MX format names, or None where it has none."""
+    try:
+        from torchao.prototype.mx_formats.constants import DTYPE_FP6_E2M3, DTYPE_FP6_E3M2
+    except ImportError:
+        return None
+    return {
+        "mxfp8_e4m3": torch.float8_e4m3fn,
+        "mxfp8_e5m2": torch.float8_e5m2,
+        "mxfp6_e3m2": DTYPE_FP6_E3M2,
+        "mxfp6_e2m3": DTYPE_FP6_E2M3,
+        "mxfp4_e2m1": torch.float4_e2m1fn_x2,
+    }.get(name)
+
+
 def torchao_peer(fmt: Format):
     """``x -> dequantize(quantize(x))`` the way a torchao user would write it, or ``None``."""
     if fmt.scaling == "tensor":
@@ -32,17 +47,10 @@ def torchao_peer(fmt: Format):
 
         return cast_round_trip
     try:
-        from torchao.prototype.mx_formats.constants import DTYPE_FP6_E2M3, DTYPE_FP6_E3M2
         from torchao.prototype.mx_formats.mx_tensor import MXTensor
     except ImportError:
         return None
-    elem = {
-        "mxfp8_e4m3": torch.float8_e4m3fn,
-        "mxfp8_e5m2": torch.float8_e5m2,
-        "mxfp6_e3m2": DTYPE_FP6_E3M2,
-        "mxfp6_e2m3": DTYPE_FP6_E2M3,
-        "mxfp4_e2m1": torch.float4_e2m1fn_x2,
-    }.get(fmt.name)
+    elem = torchao_mx_dtype(fmt.name)
     if elem is None:
         return None
     return lambda x: MXTensor.to_mx(x, elem, fmt.block_size).dequantize(torch.float32)
