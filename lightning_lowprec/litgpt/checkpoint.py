@@ -6,6 +6,8 @@ a download, so :func:`make_checkpoint` builds it: a byte-level BPE trained (in a
 on the standard library's docstrings, and a freshly initialised ``litgpt.GPT`` from a named
 config with the vocabulary swapped for the tokenizer's. :func:`write_instruction_data` writes a
 matching toy instruction set in LitGPT's JSON format (``--data JSON --data.json_path ...``).
+:func:`make_default` lays out all of it where the recipes in ``recipes/`` look by default
+(``lowprec-litgpt make_default``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,19 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["make_checkpoint", "stdlib_docstrings", "train_tokenizer", "write_instruction_data"]
+__all__ = [
+    "DEFAULT_DIR",
+    "make_checkpoint",
+    "make_default",
+    "stdlib_docstrings",
+    "train_tokenizer",
+    "write_instruction_data",
+]
+
+DEFAULT_DIR = Path("lowprec-default")
+"""Where :func:`make_default` writes, relative to the working directory (the recipes' paths)."""
+VAL_EVERY = 10
+"""Every 10th example (instruction or docstring) goes to the validation split."""
 
 EOS_TOKEN = "<|endoftext|>"
 DOCSTRING_MODULES = (
@@ -101,13 +115,61 @@ def make_checkpoint(
 
 
 def write_instruction_data(path: str | Path, examples: int = 256) -> Path:
-    """A toy instruction set in LitGPT's JSON format: "describe X" -> X's first doc line."""
-    rows = [
-        {"instruction": f"Describe `{name}` in one sentence.", "input": "",
-         "output": doc.split("\n\n")[0].replace("\n", " ")}
-        for name, doc in list(stdlib_docstrings().items())[:examples]
-    ]
+    """A toy instruction set in LitGPT's JSON format: "describe X" -> X's first doc paragraph."""
+    rows = [_instruction(name, doc) for name, doc in list(stdlib_docstrings().items())[:examples]]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1))
     return path
+
+
+def make_default(directory: str | Path = DEFAULT_DIR) -> dict[str, Path]:
+    """The built-in default the recipes run on, made from the standard library's docstrings.
+
+    Writes (once; an existing complete directory is reused):
+
+    * ``checkpoint/``: a random-init pythia-14m-architecture GPT with a 4096-token BPE
+      (:func:`make_checkpoint`), the ``checkpoint_dir`` of the fine-tuning recipes and the
+      ``tokenizer_dir`` of ``pretrain``;
+    * ``instructions/train.json``, ``instructions/val.json``: "describe X" -> X's doc
+      (``--data JSON --data.json_path DIR/instructions``), every 10th example for validation;
+    * ``text/train/docstrings.txt``, ``text/val/docstrings.txt``: the docstrings as plain text
+      (``--data TextFiles``), split the same way.
+
+    Returns:
+        The paths, by the names above (``checkpoint``, ``instructions``, ``text_train``,
+        ``text_val``).
+    """
+    root = Path(directory)
+    paths = {
+        "checkpoint": root / "checkpoint",
+        "instructions": root / "instructions",
+        "text_train": root / "text" / "train",
+        "text_val": root / "text" / "val",
+    }
+    stamp = root / ".complete"
+    if stamp.is_file():
+        return paths
+    make_checkpoint(paths["checkpoint"])
+    docs = list(stdlib_docstrings().items())
+    splits = {
+        "train": [d for i, d in enumerate(docs) if i % VAL_EVERY],
+        "val": [d for i, d in enumerate(docs) if not i % VAL_EVERY],
+    }
+    paths["instructions"].mkdir(parents=True, exist_ok=True)
+    for split, items in splits.items():
+        rows = [_instruction(name, doc) for name, doc in items]
+        (paths["instructions"] / f"{split}.json").write_text(json.dumps(rows, indent=1))
+        text_dir = paths[f"text_{split}"]
+        text_dir.mkdir(parents=True, exist_ok=True)
+        (text_dir / "docstrings.txt").write_text("\n\n".join(doc for _, doc in items))
+    stamp.write_text("")
+    return paths
+
+
+def _instruction(name: str, doc: str) -> dict[str, str]:
+    return {
+        "instruction": f"Describe `{name}` in one sentence.",
+        "input": "",
+        "output": doc.split("\n\n")[0].replace("\n", " "),
+    }

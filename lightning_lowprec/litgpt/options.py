@@ -1,0 +1,207 @@
+"""The ``lowprec:`` section of a ``lowprec-litgpt`` recipe: what this package adds to a run.
+
+A recipe is a LitGPT YAML file plus one extra top-level key::
+
+    lowprec:
+      fmt: mxfp6_e2m3                 # forward matmul format; null: no quantization
+      optimizer:                      # replaces litgpt's --optimizer, built from named groups
+        class_path: lightning_lowprec.LMD
+        init_args: {lr: 0.01, sigma: 0.05, weight_decay: 0.1}
+      sample: true                    # posterior sampling (posterior optimizers only)
+      multipliers: paper              # learnable multipliers placement; null: none
+      max_norm: 1.0                   # clip gradients (multipliers left out); fine-tuning too
+      monitor: {every_n_steps: 10}    # NormMonitor settings; null: off
+
+On the command line every key can be overridden as ``--lowprec.KEY VALUE`` (values are read as
+YAML: ``--lowprec.fmt null``, ``--lowprec.optimizer '{"class_path": ...}'``). Everything else on
+the command line and in the file is litgpt's own and goes to litgpt unchanged.
+
+Validation happens here, before litgpt starts: an unknown key, format, placement or optimizer
+class fails with a message naming the bad value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_lowprec.formats import FORMATS
+from lightning_lowprec.multipliers import PLACEMENTS
+from lightning_lowprec.nn import DEFAULT_EXCLUDE
+from lightning_lowprec.quantize import ROUNDING_MODES
+
+__all__ = ["SECTION", "LowPrecOptions"]
+
+SECTION = "lowprec"
+"""The top-level key of a recipe that holds :class:`LowPrecOptions`."""
+
+GROUP_KEYS: tuple[str, ...] = (
+    "embedding_weight_decay", "multiplier_weight_decay", "multiplier_lr_ratio", "adamw",
+)
+"""Keys of ``param_groups`` (passed to :func:`lightning_lowprec.optim.param_groups`)."""
+MONITOR_KEYS: tuple[str, ...] = ("every_n_steps", "histograms", "update_ratio", "bound_margin")
+"""Keys of ``monitor`` (the arguments of :class:`~lightning_lowprec.callbacks.NormMonitor`)."""
+
+
+@dataclass(frozen=True)
+class LowPrecOptions:
+    """The ``lowprec:`` section, validated.
+
+    Attributes:
+        fmt: format of the quantized forward matmuls (a name from
+            :data:`lightning_lowprec.FORMATS`), or ``None`` for none.
+        include: module-name patterns of the Linear layers to quantize (``None``: all).
+        exclude: module-name patterns kept in full precision (default: the LM head).
+        rounding: ``"even"``, ``"nearest"`` or ``"stochastic"``.
+        quantize_backward: quantize the backward matmuls too.
+        optimizer: ``{"class_path": ..., "init_args": {...}}``; when given, it replaces
+            litgpt's ``--optimizer`` and is built on :func:`~lightning_lowprec.optim.param_groups`
+            (norms and biases without weight decay, multipliers with their own). ``None``:
+            litgpt's optimizer, built by litgpt on the flat parameter list.
+        param_groups: extra arguments of ``param_groups`` (keys :data:`GROUP_KEYS`).
+        sample: with a posterior optimizer (LMD), train at posterior samples (the method) or
+            at the point estimate.
+        multipliers: learnable-multiplier placement (a name from
+            :data:`lightning_lowprec.multipliers.PLACEMENTS`) or ``None``.
+        max_norm: clip the global gradient norm to this value before every optimizer step,
+            multipliers left out; ``None``: no clipping by the runner (``pretrain`` clips by
+            itself with ``--train.max_norm``, also without the multipliers).
+        monitor: NormMonitor arguments (keys :data:`MONITOR_KEYS`), or ``None`` for no monitor.
+        compile: let ``pretrain`` wrap the model in ``torch.compile``: ``"auto"`` only on CUDA
+            (on CPU compiling a GPT takes minutes, longer than the runs it would speed up),
+            ``True`` or ``False``.
+        progress_bar: show a progress bar of the optimizer steps.
+    """
+
+    fmt: str | None = None
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    rounding: str = "even"
+    quantize_backward: bool = False
+    optimizer: dict[str, Any] | None = None
+    param_groups: dict[str, Any] = field(default_factory=dict)
+    sample: bool = True
+    multipliers: str | None = None
+    max_norm: float | None = None
+    monitor: dict[str, Any] | None = field(default_factory=dict)
+    compile: bool | str = "auto"
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.fmt is not None and self.fmt not in FORMATS:
+            raise ValueError(_choices("fmt", self.fmt, [None, *FORMATS]))
+        if self.rounding not in ROUNDING_MODES:
+            raise ValueError(_choices("rounding", self.rounding, ROUNDING_MODES))
+        if self.multipliers is not None and self.multipliers not in PLACEMENTS:
+            raise ValueError(_choices("multipliers", self.multipliers, [None, *PLACEMENTS]))
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(_choices("compile", self.compile, ["auto", True, False]))
+        for name in ("quantize_backward", "sample", "progress_bar"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(_choices(name, getattr(self, name), [True, False]))
+        if self.max_norm is not None and not (
+            isinstance(self.max_norm, (int, float)) and self.max_norm > 0
+        ):
+            raise ValueError(
+                f"lowprec.max_norm must be a number > 0 or null, got {self.max_norm!r}."
+            )
+        _check_keys("param_groups", self.param_groups, GROUP_KEYS)
+        if self.monitor is not None:
+            _check_keys("monitor", self.monitor, MONITOR_KEYS)
+        if self.optimizer is not None:
+            optimizer_class(self.optimizer)
+
+    @classmethod
+    def from_mapping(cls, section: Mapping[str, Any] | None) -> LowPrecOptions:
+        """Build from a parsed ``lowprec:`` mapping; ``None`` or ``{}`` gives the defaults."""
+        section = dict(section or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(section) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"Unknown key(s) in the lowprec section: {', '.join(unknown)}. "
+                f"Valid keys: {', '.join(valid)}."
+            )
+        for name in ("include", "exclude"):
+            if name in section and section[name] is not None:
+                value = section[name]
+                section[name] = (value,) if isinstance(value, str) else tuple(value)
+        if section.get("exclude", ()) is None:
+            section["exclude"] = ()
+        if "param_groups" in section and section["param_groups"] is None:
+            section["param_groups"] = {}
+        return cls(**section)
+
+    def as_mapping(self) -> dict[str, Any]:
+        """The section as plain YAML-friendly values (what ``lowprec.yaml`` records)."""
+        out = dataclasses.asdict(self)
+        for name in ("include", "exclude"):
+            if out[name] is not None:
+                out[name] = list(out[name])
+        return out
+
+
+def optimizer_class(spec: Mapping[str, Any]) -> type[torch.optim.Optimizer]:
+    """Import the class of an optimizer spec ``{"class_path": ..., "init_args": {...}}``.
+
+    Raises:
+        ValueError: a malformed spec, a class that cannot be imported, or one that is not a
+            ``torch.optim.Optimizer``; init_args the class does not accept.
+    """
+    if not isinstance(spec, Mapping) or "class_path" not in spec:
+        raise ValueError(
+            "lowprec.optimizer must be a mapping with 'class_path' (and optionally 'init_args'), "
+            f"e.g. {{'class_path': 'lightning_lowprec.LMD', 'init_args': {{'lr': 0.01}}}}; "
+            f"got {spec!r}."
+        )
+    extra = sorted(set(spec) - {"class_path", "init_args"})
+    if extra:
+        raise ValueError(
+            f"Unknown key(s) in lowprec.optimizer: {', '.join(extra)}. Valid keys: class_path, "
+            "init_args."
+        )
+    path = spec["class_path"]
+    module_name, _, class_name = str(path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name or "torch.optim"), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(
+            f"lowprec.optimizer.class_path {path!r} cannot be imported ({error}). Use a dotted "
+            "path such as 'lightning_lowprec.LMD', 'lightning_lowprec.MPlusAdam', "
+            "'lightning_lowprec.Madam' or 'torch.optim.AdamW'."
+        ) from error
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"lowprec.optimizer.class_path {path!r} is not a torch.optim.Optimizer.")
+    init_args = spec.get("init_args") or {}
+    if not isinstance(init_args, Mapping):
+        raise ValueError(f"lowprec.optimizer.init_args must be a mapping, got {init_args!r}.")
+    accepted = set(inspect.signature(cls).parameters) - {"params"}
+    unknown = sorted(set(init_args) - accepted)
+    if unknown:
+        raise ValueError(
+            f"{cls.__name__} does not accept {', '.join(unknown)}. Valid init_args: "
+            f"{', '.join(sorted(accepted))}."
+        )
+    return cls
+
+
+def _check_keys(name: str, mapping: Any, valid: Sequence[str]) -> None:
+    if not isinstance(mapping, Mapping):
+        raise ValueError(f"lowprec.{name} must be a mapping, got {mapping!r}.")
+    unknown = sorted(set(mapping) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"Unknown key(s) in lowprec.{name}: {', '.join(unknown)}. "
+            f"Valid keys: {', '.join(valid)}."
+        )
+
+
+def _choices(name: str, value: Any, valid: Sequence[Any]) -> str:
+    shown = ", ".join("null" if v is None else repr(v) for v in valid)
+    return f"Invalid lowprec.{name}: {value!r}. Valid values: {shown}."

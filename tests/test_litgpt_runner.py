@@ -1,0 +1,232 @@
+"""`lowprec-litgpt`: litgpt's own recipes with our plugin, optimizer and callbacks.
+
+Every recipe in ``recipes/`` runs a few steps on the built-in default (a random-init
+pythia-14m-architecture GPT and docstring data made on the spot); the outputs must be plain
+LitGPT checkpoints, the hyperparameters must be the run's own, and the additions (quantization,
+posterior sampling, multipliers, clipping, monitoring) must have taken effect.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_lowprec.callbacks import FACTORS_KEY
+from lightning_lowprec.litgpt import patch
+from lightning_lowprec.litgpt.checkpoint import make_default
+from lightning_lowprec.litgpt.options import LowPrecOptions
+from lightning_lowprec.litgpt.runner import OPTIONS_FILE, SUMMARY_FILE, main, run, split_args
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def default(tmp_path_factory) -> dict[str, Path]:
+    return make_default(tmp_path_factory.mktemp("lowprec-default"))
+
+
+def recipe_args(recipe: Path, default: dict[str, Path], out: Path) -> list[str]:
+    """The recipe on the test's default directory, for STEPS optimizer steps."""
+    command = recipe.name.split("-")[0]
+    args = ["--config", str(recipe), "--out_dir", str(out), "--train.log_interval", "1",
+            "--eval.interval", "1000", "--eval.max_iters", "1", "--train.lr_warmup_steps", "1",
+            "--lowprec.monitor", "{every_n_steps: 1}", "--lowprec.progress_bar", "false"]
+    if command == "pretrain":
+        return args + [
+            "--tokenizer_dir", str(default["checkpoint"]),
+            "--data.train_data_path", str(default["text_train"]),
+            "--data.val_data_path", str(default["text_val"]),
+            "--train.max_tokens", str(STEPS * 8 * 128),
+        ]
+    return [str(default["checkpoint"]), *args,
+        "--data.json_path", str(default["instructions"]),
+        "--train.max_steps", str(STEPS), "--eval.max_new_tokens", "4"]
+
+
+def scalars(out: Path) -> dict[str, list[float]]:
+    (events,) = (out / "logs" / "tensorboard").rglob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    return {tag: [e.value for e in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_runs_and_writes_a_plain_litgpt_checkpoint(recipe, default, tmp_path):
+    from litgpt import GPT, Config
+
+    out = tmp_path / "out"
+    command = recipe.name.split("-")[0]
+    section = yaml.safe_load(recipe.read_text())["lowprec"]
+    summary = run(command, recipe_args(recipe, default, out))
+
+    assert summary["steps"] == STEPS and summary["tokens"] > 0
+    assert summary["tokens_per_second"] > 0
+    assert (out / SUMMARY_FILE).is_file()
+    final = out / "final"
+    config = Config.from_file(final / "model_config.yaml")
+    plain = GPT(config).state_dict()
+    checkpoint = torch.load(final / "lit_model.pth", weights_only=False)
+    weights = checkpoint.get("model", checkpoint)
+    # The unmodified model class loads it: no multiplier or quantizer keys are left over.
+    assert weights.keys() == plain.keys()
+    GPT(config).load_state_dict(weights, strict=True)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    initial = torch.load(default["checkpoint"] / "lit_model.pth")
+    if command != "pretrain":
+        assert any(not torch.equal(initial[k], weights[k]) for k in initial)
+    if section.get("multipliers"):
+        assert FACTORS_KEY in checkpoint  # what resuming needs, beside the merged weights
+
+    # hyperparameters.yaml holds this run's values although sys.argv is pytest's.
+    hparams = yaml.safe_load((final / "hyperparameters.yaml").read_text())
+    assert Path(hparams["out_dir"]) == out
+    assert hparams["train"]["log_interval"] == 1
+    recorded = yaml.safe_load((final / OPTIONS_FILE).read_text())["lowprec"]
+    assert LowPrecOptions.from_mapping(recorded) == LowPrecOptions.from_mapping(
+        {**section, "monitor": {"every_n_steps": 1}, "progress_bar": False}
+    )
+
+    logged = scalars(out)
+    assert any(tag.startswith("norm/") for tag in logged), sorted(logged)  # NormMonitor
+    if section.get("fmt"):
+        assert any(tag.startswith("quant/") for tag in logged), sorted(logged)
+    if "LMD" in section["optimizer"]["class_path"]:
+        assert any(tag.startswith("lmd/") for tag in logged), sorted(logged)
+
+
+@pytest.fixture(scope="module")
+def pretrained(default, tmp_path_factory) -> Path:
+    """The hardest recipe's output: LMD + MXFP4 + merged multipliers."""
+    out = tmp_path_factory.mktemp("pretrained")
+    recipe = REPO / "recipes" / "pretrain-lmd-mxfp4-multipliers.yaml"
+    run("pretrain", recipe_args(recipe, default, out))
+    return out / "final"
+
+
+def test_litgpt_generate_runs_on_the_output(pretrained):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "litgpt", "generate", str(pretrained), "--prompt", "Return the",
+         "--max_new_tokens", "5"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Return the" in result.stdout
+
+
+def test_resume_reads_the_merged_checkpoint_back_exactly(pretrained):
+    """The multiplier factors rebuild the raw weights: un-merging gives finite multipliers."""
+    from lightning_lowprec.callbacks import unmerge_checkpoint
+
+    checkpoint = unmerge_checkpoint(torch.load(pretrained / "lit_model.pth", weights_only=False))
+    multipliers = [v for k, v in checkpoint["model"].items() if k.endswith("_multiplier")]
+    assert multipliers and all(torch.isfinite(m).all() for m in multipliers)
+    assert any(not torch.equal(m, torch.ones_like(m)) for m in multipliers)  # they trained
+
+
+def test_clipping_bounds_the_update_in_fine_tuning(default, tmp_path):
+    """finetune_full clips nothing by itself; with lowprec.max_norm every step's gradient is
+    clipped: plain SGD then moves the weights by at most sum(lr_t) * max_norm."""
+    lr, max_norm = 0.5, 1e-3
+    out = tmp_path / "out"
+    recipe = REPO / "recipes" / "finetune_full-adamw.yaml"
+    run("finetune_full", recipe_args(recipe, default, out) + [
+        "--lowprec.optimizer", f"{{class_path: torch.optim.SGD, init_args: {{lr: {lr}}}}}",
+        "--lowprec.max_norm", str(max_norm),
+    ])
+    before = torch.load(default["checkpoint"] / "lit_model.pth")
+    after = torch.load(out / "final" / "lit_model.pth")["model"]
+    moved = math.sqrt(sum(((after[k] - before[k]) ** 2).sum().item() for k in before))
+    # litgpt's schedule over 3 steps with 1 warmup step: lr * (0, 1, 0.5).
+    assert 0 < moved <= 1.5 * lr * max_norm * 1.001
+
+
+def test_check_litgpt_accepts_the_installed_litgpt_for_every_command():
+    for command in patch.COMMANDS:
+        patch.check_litgpt(command)
+
+
+def test_check_litgpt_fails_loudly_when_litgpt_moves(monkeypatch):
+    monkeypatch.setitem(patch._CALLS, "instantiate_torch_optimizer", "build_optimizer(")
+    with pytest.raises(RuntimeError, match="no longer uses 'instantiate_torch_optimizer'"):
+        patch.check_litgpt("finetune_full")
+    monkeypatch.setattr(patch, "version", lambda name: "0.6.1")
+    with pytest.raises(RuntimeError, match=r"supports litgpt>=0.5.13,<0.6; litgpt 0.6.1"):
+        patch.check_litgpt("finetune_full")
+
+
+def test_patched_names_are_restored_after_an_error():
+    module = patch.recipe_module("pretrain")
+    before = {name: getattr(module, name) for name in ("L", "torch", "save_hyperparameters")}
+    with pytest.raises(KeyError), patch.patched(
+        "pretrain", fabric=object, instantiate_optimizer=object, save_hyperparameters=object,
+        compile_model=False,
+    ) as patched_module:
+        assert patched_module.torch.compile("model") == "model"
+        assert patched_module.torch.nn is torch.nn
+        raise KeyError
+    assert {name: getattr(module, name) for name in before} == before
+
+
+def test_split_args_strips_the_section_and_applies_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    section = {"fmt": "mxfp8_e4m3", "sample": False}
+    recipe.write_text(yaml.safe_dump({"seed": 3, "lowprec": section}))
+    (tmp_path / "tmp").mkdir()
+    args, section = split_args(
+        ["ckpt", "--config", str(recipe), "--lowprec.fmt=null", "--lowprec.max_norm", "0.5",
+         "--train.max_steps", "2"], tmp_path / "tmp",
+    )
+    assert section == {"fmt": None, "sample": False, "max_norm": 0.5}
+    assert args[0] == "ckpt" and args[-2:] == ["--train.max_steps", "2"]
+    stripped = Path(args[args.index("--config") + 1])
+    assert yaml.safe_load(stripped.read_text()) == {"seed": 3}
+
+
+LMD_TYPO = "{class_path: lightning_lowprec.LMD, init_args: {lrr: 1}}"
+BAD_INPUT = [
+    ("finetune_full", ["--lowprec.fmt", "mxfp5"],
+     r"Invalid lowprec.fmt: 'mxfp5'. Valid values: null, 'mxfp8_e4m3'"),
+    ("finetune_full", ["--lowprec.colour", "red"],
+     r"Unknown key\(s\) in the lowprec section: colour. Valid keys: fmt"),
+    ("finetune_full", ["--lowprec.multipliers", "everywhere"], r"Valid values: null, 'paper'"),
+    ("finetune_full", ["--lowprec.optimizer", "{class_path: torch.optim.Nope}"],
+     "cannot be imported"),
+    ("finetune_full", ["--lowprec.optimizer", LMD_TYPO],
+     "LMD does not accept lrr. Valid init_args:"),
+    ("finetune_full", ["--lowprec.max_norm", "-1"], "max_norm must be a number > 0"),
+    ("finetune_full", ["--precision", "16-true"], r"--precision '16-true' is not supported"),
+    ("finetune_full", ["--devices", "2"], "runs on one device"),
+    ("finetune_lora", ["--lowprec.multipliers", "paper"], "does not combine with finetune_lora"),
+    ("pretrain", ["--lowprec.max_norm", "1.0"], "pretrain clips gradients itself"),
+    ("finetune_full", ["--lowprec", "{}"], "--lowprec.KEY VALUE"),
+    ("finetune_full", ["--lowprec.fmt"], "--lowprec.fmt needs a value"),
+]
+
+
+@pytest.mark.parametrize(("command", "extra", "message"), BAD_INPUT)
+def test_bad_input_fails_before_training_with_the_valid_choices(command, extra, message, tmp_path):
+    out = tmp_path / "out"
+    positional = ["pythia-14m"] if command == "pretrain" else ["some/checkpoint"]
+    with pytest.raises(ValueError, match=message):
+        run(command, [*positional, "--out_dir", str(out), *extra])
+    assert not out.exists()  # nothing started
+
+
+def test_unknown_command_lists_the_supported_ones():
+    supported = "lowprec-litgpt runs: finetune_full, finetune_lora, pretrain"
+    with pytest.raises(ValueError, match=supported):
+        run("finetune_adapter", [])
+    with pytest.raises(SystemExit, match="Unknown command 'chat'"):
+        main(["chat"])
