@@ -1,95 +1,140 @@
-"""The built-in default job: quantize a LitGPT model's weights to every format and report.
+"""The built-in default job: a LitGPT fine-tune, AdamW baseline vs LMD + MXFP6, on no downloads.
 
-``python -m lightning_lowprec.demo`` builds a LitGPT ``GPT`` (the pythia-14m architecture with a
-4096-token vocabulary, random init: no download), fake-quantizes every matrix weight except the
-LM head to each format, and prints one row per format: storage bits per element (the MX scale
-amortised over its block), the weights' signal-to-quantization-noise ratio, how far the logits
-move when the model runs on the quantized weights, and the time to quantize all weights eagerly.
+``python -m lightning_lowprec.demo`` (``make demo``):
+
+1. builds the built-in default (:func:`~lightning_lowprec.litgpt.checkpoint.make_default`): a
+   random-init LitGPT checkpoint (pythia-14m architecture, 4096-token BPE trained on the
+   standard library's docstrings) and an instruction set made from the same docstrings;
+2. runs ``lowprec-litgpt finetune_full`` twice on it, with ``recipes/finetune_full-adamw.yaml``
+   (the baseline: fp32 matmuls, ``torch.optim.AdamW``) and
+   ``recipes/finetune_full-lmd-mxfp6.yaml`` (LMD with posterior sampling, MXFP6 E2M3 forward
+   matmuls), each with a progress bar and TensorBoard logs under ``out/demo/<run>/logs``;
+3. evaluates every final checkpoint — plain LitGPT checkpoints, loaded into litgpt's own ``GPT``
+   — on the held-out split and prints one table: validation loss and perplexity (torchmetrics),
+   training tokens per second and the global L2 norm of the weight matrices.
+
+The untrained checkpoint is the first row, for reference. Results also go to
+``out/demo/results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import time
+import json
+import math
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from lightning_lowprec.formats import FORMATS, Format
-from lightning_lowprec.quantize import quantize
+from lightning_lowprec.litgpt.checkpoint import DEFAULT_DIR, make_default
+from lightning_lowprec.litgpt.runner import run as run_recipe
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RUNS: dict[str, str] = {
+    "AdamW, fp32": "finetune_full-adamw.yaml",
+    "LMD + MXFP6, sampled": "finetune_full-lmd-mxfp6.yaml",
+}
+"""The compared runs: table label -> recipe in ``recipes/``."""
+COLUMNS = ("run", "val loss", "val perplexity", "tokens/s", "weight norm", "train s")
+SEQ_LEN = 128
 
 
-def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio ``10 log10(|ref|^2 / |ref - approx|^2)`` in dB."""
-    noise = (reference - approx).float().pow(2).sum()
-    return (10 * torch.log10(reference.float().pow(2).sum() / noise)).item()
+def evaluate(checkpoint_dir: Path, instructions: Path) -> dict[str, float]:
+    """Validation loss and perplexity of a LitGPT checkpoint, and its weight-matrix norm.
 
+    Perplexity is torchmetrics' ``Perplexity`` over every target token of the validation split
+    (prompt included, as the recipes train), loss its logarithm. The weight norm is the global
+    L2 norm of every parameter with two or more dimensions (matrices and embeddings).
+    """
+    from litgpt import GPT, Config, Tokenizer
+    from litgpt.data import JSON
+    from torchmetrics.text import Perplexity
 
-def storage_bits(fmt: Format) -> float:
-    """Bits per element including the shared 8-bit E8M0 scale spread over its block."""
-    return fmt.bits + (8 / fmt.block_size if fmt.block_size else 0.0)
-
-
-def build_model(name: str, seed: int) -> torch.nn.Module:
-    from litgpt import GPT, Config
-
-    torch.manual_seed(seed)
-    return GPT(Config.from_name(name, vocab_size=4096, padded_vocab_size=4096)).eval()
-
-
-def run(model_name: str = "pythia-14m", seed: int = 0) -> list[dict]:
-    """One row per format for ``model_name`` (any LitGPT config name, random init)."""
-    model = build_model(model_name, seed)
-    matrices = {
-        n: m for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
-    }
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, model.config.vocab_size, (4, 128), generator=generator)
+    config = Config.from_file(checkpoint_dir / "model_config.yaml")
+    model = GPT(config)
+    state = torch.load(checkpoint_dir / "lit_model.pth", weights_only=False, map_location="cpu")
+    model.load_state_dict(state.get("model", state))
+    model.eval()
+    data = JSON(json_path=instructions, num_workers=0)
+    data.connect(tokenizer=Tokenizer(checkpoint_dir), batch_size=8, max_seq_length=SEQ_LEN)
+    data.setup()
+    perplexity = Perplexity(ignore_index=data.ignore_index)
     with torch.no_grad():
-        logits = model(tokens)
-    rows = []
-    for fmt in FORMATS.values():
-        quantized = copy.deepcopy(model)
-        modules = dict(quantized.named_modules())
-        start = time.perf_counter()
-        with torch.no_grad():
-            for name in matrices:
-                weight = modules[name].weight
-                weight.copy_(quantize(weight, fmt, axis=-1))
-        elapsed_ms = (time.perf_counter() - start) * 1e3
-        with torch.no_grad():
-            q_logits = quantized(tokens)
-        weight_sqnr = sqnr_db(
-            torch.cat([m.weight.flatten() for m in matrices.values()]),
-            torch.cat([modules[n].weight.flatten() for n in matrices]),
+        for batch in data.val_dataloader():
+            logits = model(batch["input_ids"])
+            perplexity.update(logits[:, :-1].float(), batch["labels"][:, 1:])
+    ppl = perplexity.compute().item()
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p) for p in matrices]))
+    return {"val loss": math.log(ppl), "val perplexity": ppl, "weight norm": norm.item()}
+
+
+def run(
+    steps: int | None = None,
+    out_dir: Path = Path("out/demo"),
+    default_dir: Path = DEFAULT_DIR,
+    recipes_dir: Path = RECIPES_DIR,
+) -> list[dict[str, Any]]:
+    """Run the comparison; return the table's rows.
+
+    Args:
+        steps: optimizer steps per run; ``None`` keeps the recipes' (60).
+        out_dir: one sub-directory per run, plus ``results.json``.
+        default_dir: where the built-in default is made (reused when complete).
+        recipes_dir: where the recipes are (the repository's ``recipes/``).
+    """
+    missing = [name for name in RUNS.values() if not (recipes_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Recipes {missing} not found in {recipes_dir}: run the demo from a clone of the "
+            "repository (recipes/ is not part of the installed package)."
         )
-        rows.append(
-            {
-                "format": fmt.name,
-                "bits/element": storage_bits(fmt),
-                "weight SQNR dB": weight_sqnr,
-                "logits SQNR dB": sqnr_db(logits, q_logits),
-                "quantize ms": elapsed_ms,
-            }
-        )
+    paths = make_default(default_dir)
+    rows = [{"run": "untrained (random init)",
+             **evaluate(paths["checkpoint"], paths["instructions"])}]
+    for label, recipe in RUNS.items():
+        run_dir = out_dir / Path(recipe).stem
+        args = [str(paths["checkpoint"]), "--config", str(recipes_dir / recipe),
+                "--data.json_path", str(paths["instructions"]), "--out_dir", str(run_dir)]
+        if steps is not None:
+            args += ["--train.max_steps", str(steps)]
+        summary = run_recipe("finetune_full", args)
+        rows.append({
+            "run": label,
+            **evaluate(run_dir / "final", paths["instructions"]),
+            "tokens/s": summary["tokens_per_second"],
+            "train s": summary["train_seconds"],
+            "logs": str(run_dir / "logs"),
+        })
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
     return rows
 
 
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A GitHub-markdown table of ``rows`` over :data:`COLUMNS`."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "—"
+        return f"{value:,.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Quantize a LitGPT model to every format.")
-    parser.add_argument("--model", default="pythia-14m", help="LitGPT config name (random init)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
+    parser.add_argument("--out-dir", type=Path, default=Path("out/demo"))
     args = parser.parse_args(argv)
-    rows = run(args.model, args.seed)
-    print(f"LitGPT {args.model} (vocab 4096, random init): matrix weights quantized along "
-          "in_features, LM head kept; logits on 4 x 128 random tokens")
-    columns = list(rows[0])
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(
-            f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    rows = run(args.steps, args.out_dir)
+    print()
+    print(format_table(rows))
+    print(f"\nTensorBoard: tensorboard --logdir {args.out_dir}")
+    print(f"Results: {args.out_dir / 'results.json'}")
 
 
 if __name__ == "__main__":

@@ -409,7 +409,14 @@ def _clip_before_step(fabric: RecipeFabric, optimizer: Any, max_norm: float) -> 
 
 
 def _total_steps(config: Any) -> int | None:
-    """The run's optimizer steps when litgpt's arguments fix them (``--train.max_steps``)."""
+    """The run's optimizer steps when litgpt's arguments fix them: ``--train.max_steps``, or
+    for ``pretrain`` ``--train.max_tokens`` (litgpt's own arithmetic, one device)."""
     train = config.get("train")
-    max_steps = getattr(train, "max_steps", None) if train is not None else None
-    return int(max_steps) if max_steps else None
+    if train is None:
+        return None
+    if train.get("max_steps"):
+        return int(train.max_steps)
+    micro, seq = train.get("micro_batch_size"), train.get("max_seq_length")
+    if train.get("max_tokens") and micro and seq and train.get("global_batch_size"):
+        return (train.max_tokens // (micro * seq)) // (train.global_batch_size // micro)
+    return None
