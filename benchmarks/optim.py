@@ -5,7 +5,11 @@ Compares LMD, M+Adam and Madam (eager ``foreach`` and ``compiled`` paths) agains
 fused AdamW. The shapes come from ``litgpt.Config.from_name(model)`` built on the meta device
 (no download); weights are initialised like LitGPT does (normal 0.02, norm weights 1, biases
 0), gradients are fixed random tensors. Each time is the minimum over ``--repeats`` steps
-after ``--warmup`` steps (which include compilation). For LMD, "step" is ``optimizer.step()``
+after ``--warmup`` steps (which include compilation). On a shared machine the cost of a
+memory-bound step drifts by 2x within minutes, so every candidate is timed in ``--rounds``
+rounds that alternate with a fused AdamW step on its own copy of the parameters, and its
+``step_x_fused`` divides the two minima of that same window (``fused_ms``); ``step_x_foreach``
+is against the ``AdamW foreach`` row. For LMD, "step" is ``optimizer.step()``
 and "sample+step" adds the ``sample_()`` that precedes every forward pass when training with
 noise: the per-iteration optimizer cost.
 
@@ -75,6 +79,14 @@ def timed(fn: Callable[[], None], device: torch.device, warmup: int, repeats: in
     return best_time(call, repeat=repeats, warmup=warmup)
 
 
+def alternating(fn: Callable[[], None], peer: Callable[[], None], device: torch.device,
+                warmup: int, repeats: int, rounds: int) -> tuple[float, float]:
+    """Minimum times in ms of ``fn`` and ``peer``, timed in alternating rounds (same window)."""
+    times = [(timed(fn, device, warmup if r == 0 else 0, repeats), timed(peer, device, 0, repeats))
+             for r in range(rounds)]
+    return min(t for t, _ in times), min(t for _, t in times)
+
+
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(v.nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
 
@@ -85,7 +97,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="subset of optimizer names")
     args = parser.parse_args()
     if args.threads:
@@ -93,36 +106,43 @@ def main() -> None:
     device = torch.device(args.device)
     shapes = model_shapes(args.model)
     numel = sum(s.numel() for _, s in shapes)
+    peer = candidates()["AdamW fused"](make_params(shapes, device))
+    peer.step()
     rows = []
     for name, build in candidates().items():
         if args.only and name not in args.only:
             continue
         params = make_params(shapes, device)
         opt = build(params)
-        step_ms = timed(opt.step, device, args.warmup, args.repeats)
-        row = {"optimizer": name, "step_ms": step_ms, "state_bytes": state_bytes(opt)}
+        step_ms, fused_ms = alternating(opt.step, peer.step, device, args.warmup, args.repeats,
+                                        args.rounds)
+        row = {"optimizer": name, "step_ms": step_ms, "fused_ms": fused_ms,
+               "step_x_fused": step_ms / fused_ms, "state_bytes": state_bytes(opt)}
         if isinstance(opt, LMD):
             def sample_and_step(opt=opt):
                 opt.sample_()
                 opt.step()
-            row["sample_step_ms"] = timed(sample_and_step, device, args.warmup, args.repeats)
+            sample_ms, fused_ms = alternating(sample_and_step, peer.step, device, args.warmup,
+                                              args.repeats, args.rounds)
+            row["sample_step_ms"] = sample_ms
+            row["sample_step_x_fused"] = sample_ms / fused_ms
         rows.append(row)
-        print(f"  {name}: {step_ms:.1f} ms", flush=True)
+        print(f"  {name}: {step_ms:.1f} ms ({row['step_x_fused']:.2f}x fused)", flush=True)
         del opt, params
         gc.collect()
-    base = next((r for r in rows if r["optimizer"] == "AdamW fused"), rows[0])
+    foreach = next((r for r in rows if r["optimizer"] == "AdamW foreach"), None)
     for r in rows:
-        r["step_x_fused"] = r["step_ms"] / base["step_ms"]
-        if "sample_step_ms" in r:
-            r["sample_step_x_fused"] = r["sample_step_ms"] / base["step_ms"]
+        if foreach is not None:
+            r["step_x_foreach"] = r["step_ms"] / foreach["step_ms"]
         r["state_bytes_per_param"] = r["state_bytes"] / numel
     print(f"\n{args.model}: {numel / 1e6:.1f}M parameters in {len(shapes)} tensors, {device}, "
-          f"{torch.get_num_threads()} threads, min of {args.repeats} steps\n")
-    print_table(rows, ["optimizer", "step_ms", "step_x_fused", "sample_step_ms",
-                       "sample_step_x_fused", "state_bytes_per_param"])
+          f"{torch.get_num_threads()} threads, min of {args.rounds} x {args.repeats} steps\n")
+    print_table(rows, ["optimizer", "step_ms", "fused_ms", "step_x_fused", "step_x_foreach",
+                       "sample_step_ms", "sample_step_x_fused", "state_bytes_per_param"])
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     path = write_json("optim", rows, model=args.model, parameters=numel, tensors=len(shapes),
-                      device=device_name, repeats=args.repeats, baseline="AdamW fused")
+                      device=device_name, repeats=args.repeats, rounds=args.rounds,
+                      baseline="AdamW fused", baseline_timing="alternating rounds, per row")
     print(f"\nwrote {path}")
 
 

