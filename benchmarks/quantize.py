@@ -56,15 +56,21 @@ def torchao_peer(fmt: Format):
     return lambda x: MXTensor.to_mx(x, elem, fmt.block_size).dequantize(torch.float32)
 
 
-def run(size: int, repeat: int) -> list[dict]:
+def run(
+    size: int, repeat: int, formats: list[str] | None = None, use_compile: bool = True
+) -> list[dict]:
+    """One row per format (default: all) with times in ms; ``use_compile=False`` skips the
+    compiled timing (it compiles one graph per format, tens of seconds in all)."""
     torch.manual_seed(0)
     x = torch.randn(size, size)
     clone_ms = best_time(x.clone, repeat)
     rows = []
-    for fmt in FORMATS.values():
+    for fmt in (FORMATS[name] for name in formats or FORMATS):
         eager = best_time(lambda f=fmt: quantize(x, f), repeat)
-        compiled_fn = torch.compile(lambda t, f=fmt: quantize(t, f), dynamic=False)
-        compiled = best_time(lambda f=compiled_fn: f(x), repeat)
+        compiled = None
+        if use_compile:
+            compiled_fn = torch.compile(lambda t, f=fmt: quantize(t, f), dynamic=False)
+            compiled = best_time(lambda f=compiled_fn: f(x), repeat)
         peer = torchao_peer(fmt)
         peer_ms = best_time(lambda p=peer: p(x), repeat) if peer else None
         mismatch = (peer(x) != quantize(x, fmt)).float().mean().item() if peer else None
@@ -76,9 +82,9 @@ def run(size: int, repeat: int) -> list[dict]:
                 "ours compiled ms": compiled,
                 "peer ms": peer_ms,
                 "clone ms": clone_ms,
-                "peer / ours compiled": peer_ms / compiled if peer else None,
+                "peer / ours compiled": peer_ms / compiled if peer and compiled else None,
                 "peer / ours eager": peer_ms / eager if peer else None,
-                "compiled / clone": compiled / clone_ms,
+                "compiled / clone": compiled / clone_ms if compiled else None,
                 "eager / clone": eager / clone_ms,
                 "mismatch vs peer": mismatch,
             }

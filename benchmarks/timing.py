@@ -7,6 +7,7 @@ so that runs can be compared and collected.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -14,7 +15,11 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(
+    os.environ.get("LOWPREC_BENCHMARK_RESULTS", Path(__file__).resolve().parent / "results")
+)
+"""Where ``write_json`` writes; the environment variable ``LOWPREC_BENCHMARK_RESULTS`` moves
+it (``python -m benchmarks --out DIR`` sets it, so its subprocesses write there too)."""
 
 
 def best_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
@@ -62,3 +67,14 @@ def write_json(name: str, rows: list[dict], **meta: object) -> Path:
     }
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's description."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -1,0 +1,196 @@
+"""End-to-end LitGPT train step: this package's configurations against bf16-mixed + AdamW.
+
+One training step (forward, cross-entropy, ``fabric.backward``, ``optimizer.step()``,
+``zero_grad``) of a litgpt ``GPT`` with pythia-14m's shape and a 4096-token vocabulary (2.2M
+parameters, random init, random tokens) under Fabric on CPU, for each configuration in
+``CONFIGS``. The peer is what a LitGPT user runs by default: ``precision="bf16-mixed"`` with
+``torch.optim.AdamW``; fp32 AdamW is reported too, because on a CPU without AVX512-BF16 a bf16
+matmul is emulated and far slower than fp32, which flatters every fp32 configuration against
+the bf16 peer.
+
+Each configuration runs in its own subprocess, so that its peak resident memory (see
+``peak_rss_bytes``) is its own: allocator caches and compiled kernels of one configuration
+never count against another. Reported per configuration: ms per
+step (the minimum over ``--repeat`` steps after ``--warmup`` steps, which build optimizer
+state and compile), tokens/s, the ratio to the peer's and to fp32 AdamW's step time,
+optimizer-state bytes (all tensors in ``optimizer.state``, per parameter) and peak RSS (MB,
+also minus the RSS after imports: what the model, optimizer and steps added).
+
+Run: ``OMP_NUM_THREADS=1 python -m benchmarks.train_step [--batch-size 4] [--seq-len 128]``.
+Prints a table; writes ``benchmarks/results/train_step.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.timing import best_time, print_table, write_json
+
+PEER = "bf16-mixed + AdamW"
+FP32_PEER = "fp32 + AdamW"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One row: Fabric's precision string or our plugin, and the optimizer."""
+
+    precision: str | None  # Fabric's precision; None: our LowPrecision plugin
+    plugin: dict[str, Any] | None  # LowPrecision(**plugin)
+    optimizer: str  # "adamw", "lmd", "lmd-compiled", "mplus-bf16"
+
+
+CONFIGS = {
+    PEER: TrainConfig("bf16-mixed", None, "adamw"),
+    FP32_PEER: TrainConfig("32-true", None, "adamw"),
+    "MXFP8 + AdamW": TrainConfig(None, {"fmt": "mxfp8_e4m3"}, "adamw"),
+    "MXFP6 + AdamW": TrainConfig(None, {"fmt": "mxfp6_e2m3"}, "adamw"),
+    "MXFP6 + LMD sampled": TrainConfig(None, {"fmt": "mxfp6_e2m3"}, "lmd"),
+    "MXFP6 + LMD point estimate": TrainConfig(None, {"fmt": "mxfp6_e2m3", "sample": False}, "lmd"),
+    "MXFP6 + LMD sampled, compiled step": TrainConfig(None, {"fmt": "mxfp6_e2m3"}, "lmd-compiled"),
+    "no quantization + LMD sampled": TrainConfig(None, {"fmt": None}, "lmd"),
+    "MXFP6 bf16-autocast + LMD sampled": TrainConfig(
+        None, {"fmt": "mxfp6_e2m3", "autocast": "bf16"}, "lmd"),
+    "M+Adam bf16 storage": TrainConfig("32-true", None, "mplus-bf16"),
+}
+QUICK_CONFIGS = [PEER, FP32_PEER, "MXFP6 + LMD sampled"]
+
+
+def build_optimizer(kind: str, gpt: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer as the README writes it (defaults; LMD on ``param_groups``)."""
+    from lightning_lowprec import LMD, MPlusAdam
+    from lightning_lowprec.optim import param_groups
+
+    builders: dict[str, Callable[[], torch.optim.Optimizer]] = {
+        "adamw": lambda: torch.optim.AdamW(gpt.parameters(), lr=3e-3),
+        "lmd": lambda: LMD(param_groups(gpt), seed=0),
+        "lmd-compiled": lambda: LMD(param_groups(gpt), seed=0, compiled=True),
+        "mplus-bf16": lambda: MPlusAdam(gpt.parameters(), storage="bf16", seed=0),
+    }
+    return builders[kind]()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size in bytes.
+
+    Linux: ``VmHWM`` from ``/proc/self/status``, the high-water mark of this process's own
+    memory map. ``getrusage(RUSAGE_SELF).ru_maxrss`` is not used there because Linux carries
+    it across ``fork`` + ``exec``: a child started by a parent holding 1.2 GB reports at least
+    1.2 GB (measured). Elsewhere ``ru_maxrss`` (KiB on Linux/BSD, bytes on macOS).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def measure(name: str, batch_size: int, seq_len: int, warmup: int, repeat: int) -> dict:
+    """Time one configuration in this process; return its row (no ratios yet)."""
+    import lightning as L
+    import torch.nn.functional as F
+    from litgpt import GPT, Config
+
+    from benchmarks.optim import state_bytes
+    from lightning_lowprec import LowPrecision
+
+    rss_after_imports = peak_rss_bytes()
+    config = CONFIGS[name]
+    if config.plugin is None:
+        fabric = L.Fabric(accelerator="cpu", devices=1, precision=config.precision)
+    else:
+        fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[LowPrecision(**config.plugin)])
+    torch.manual_seed(0)
+    gpt = GPT(Config.from_name("pythia-14m", vocab_size=4096, padded_vocab_size=4096,
+                               block_size=seq_len))
+    parameters = sum(p.numel() for p in gpt.parameters())
+    optimizer = build_optimizer(config.optimizer, gpt)
+    model, optimizer = fabric.setup(gpt, optimizer)
+    tokens = torch.randint(0, 4096, (batch_size, seq_len + 1),
+                           generator=torch.Generator().manual_seed(0))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> None:
+        loss = F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten())
+        fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    ms = best_time(step, repeat=repeat, warmup=warmup)
+    state = state_bytes(optimizer.optimizer)
+    peak = peak_rss_bytes()
+    return {
+        "config": name,
+        "ms/step": ms,
+        "tokens/s": batch_size * seq_len / (ms / 1e3),
+        "state B/param": state / parameters,
+        "state MB": state / 2**20,
+        "peak RSS MB": peak / 2**20,
+        "RSS over imports MB": (peak - rss_after_imports) / 2**20,
+        "parameters": parameters,
+    }
+
+
+def run(names: list[str], batch_size: int, seq_len: int, warmup: int, repeat: int) -> list[dict]:
+    """Measure each configuration in a fresh subprocess; add the ratios to the peers."""
+    rows = []
+    for name in names:
+        cmd = [sys.executable, "-m", "benchmarks.train_step", "--child", name,
+               "--batch-size", str(batch_size), "--seq-len", str(seq_len),
+               "--warmup", str(warmup), "--repeat", str(repeat)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
+               "PYTHONWARNINGS": "ignore"}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if done.returncode:
+            raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  measured {name}: {rows[-1]['ms/step']:.1f} ms/step", flush=True)
+    by_name = {r["config"]: r for r in rows}
+    for row in rows:
+        for peer, key in ((PEER, "x peer"), (FP32_PEER, "x fp32 AdamW")):
+            row[key] = row["ms/step"] / by_name[peer]["ms/step"] if peer in by_name else None
+    return rows
+
+
+COLUMNS = ["config", "ms/step", "tokens/s", "x peer", "x fp32 AdamW", "state B/param",
+           "peak RSS MB", "RSS over imports MB"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (state, compile)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed steps (min is kept)")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:  # one configuration, measured in this process: print its row as JSON
+        row = measure(args.child, args.batch_size, args.seq_len, args.warmup, args.repeat)
+        print(json.dumps(row))
+        return
+    rows = run(args.configs, args.batch_size, args.seq_len, args.warmup, args.repeat)
+    print(f"\nLitGPT train step (pythia-14m shape, vocab 4096, {rows[0]['parameters'] / 1e6:.1f}M "
+          f"parameters), batch {args.batch_size}x{args.seq_len}, cpu, "
+          f"{torch.get_num_threads()} thread(s), min of {args.repeat} steps; peer: {PEER}")
+    print_table(rows, COLUMNS)
+    path = write_json("train_step", rows, batch_size=args.batch_size, seq_len=args.seq_len,
+                      warmup=args.warmup, repeat=args.repeat, peer=PEER)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
