@@ -91,6 +91,8 @@ def test_every_recipe_runs_and_writes_a_plain_litgpt_checkpoint(recipe, default,
     # hyperparameters.yaml holds this run's values although sys.argv is pytest's.
     hparams = yaml.safe_load((final / "hyperparameters.yaml").read_text())
     assert Path(hparams["out_dir"]) == out
+    if command != "pretrain":  # the positional checkpoint beats the recipe's checkpoint_dir
+        assert Path(hparams["checkpoint_dir"]) == default["checkpoint"]
     assert hparams["train"]["log_interval"] == 1
     recorded = yaml.safe_load((final / OPTIONS_FILE).read_text())["lowprec"]
     assert LowPrecOptions.from_mapping(recorded) == LowPrecOptions.from_mapping(
@@ -189,8 +191,9 @@ def test_split_args_strips_the_section_and_applies_overrides(tmp_path):
          "--train.max_steps", "2"], tmp_path / "tmp",
     )
     assert section == {"fmt": None, "sample": False, "max_norm": 0.5}
-    assert args[0] == "ckpt" and args[-2:] == ["--train.max_steps", "2"]
-    stripped = Path(args[args.index("--config") + 1])
+    # Config files first, so that the command line (the positional checkpoint too) wins.
+    assert args[0] == "--config" and args[2:] == ["ckpt", "--train.max_steps", "2"]
+    stripped = Path(args[1])
     assert yaml.safe_load(stripped.read_text()) == {"seed": 3}
 
 

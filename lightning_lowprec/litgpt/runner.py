@@ -109,13 +109,19 @@ def split_args(args: Sequence[str], tmp: Path) -> tuple[list[str], dict[str, Any
 
     Every ``--config FILE`` that has a ``lowprec:`` key is rewritten into ``tmp`` without it;
     ``--lowprec.KEY VALUE`` / ``--lowprec.KEY=VALUE`` are removed (values parsed as YAML) and
-    override the files' section, later ones winning, as in litgpt.
+    override the files' section.
+
+    The config files move to the front of litgpt's arguments: jsonargparse applies arguments in
+    order, so ``lowprec-litgpt finetune_full MY_CHECKPOINT --config recipe.yaml`` would
+    otherwise silently train the recipe's ``checkpoint_dir`` instead of ``MY_CHECKPOINT``.
+    Here the command line always wins over the files, wherever ``--config`` stands.
 
     Returns:
         litgpt's arguments and the merged ``lowprec`` mapping.
     """
     args = list(args)
     section: dict[str, Any] = {}
+    configs: list[str] = []
     out: list[str] = []
     i = 0
     while i < len(args):
@@ -128,7 +134,7 @@ def split_args(args: Sequence[str], tmp: Path) -> tuple[list[str], dict[str, Any
             value = args[i + 1] if takes_value else inline
             i += 2 if takes_value else 1
             if name == "--config":
-                out += ["--config", _strip_section(Path(value), tmp, section)]
+                configs += ["--config", _strip_section(Path(value), tmp, section)]
             else:
                 key = name[len(SECTION) + 3:]
                 section[key] = yaml.safe_load(value)
@@ -139,7 +145,7 @@ def split_args(args: Sequence[str], tmp: Path) -> tuple[list[str], dict[str, Any
             )
         out.append(arg)
         i += 1
-    return out, section
+    return configs + out, section
 
 
 def _strip_section(path: Path, tmp: Path, section: dict[str, Any]) -> str:
