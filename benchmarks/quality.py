@@ -43,8 +43,6 @@ per byte; times in seconds of wall clock.
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import math
 import os
@@ -60,15 +58,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from benchmarks.timing import RESULTS_DIR, cpu_name, print_table
+from lightning_lowprec.litgpt.checkpoint import stdlib_docstrings
 
 if TYPE_CHECKING:
     from litgpt import Config
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-DOCSTRING_MODULES = (
-    "argparse", "collections", "functools", "inspect", "itertools", "json", "logging",
-    "pathlib", "re", "string", "subprocess", "textwrap", "typing", "unittest",
-)
 VOCAB = 256
 """Byte-level tokens: one byte of the UTF-8 text per token (tinyshakespeare is ASCII)."""
 VAL_FRACTION = 0.1
@@ -166,14 +161,7 @@ def load_text(path: Path = SHAKESPEARE) -> tuple[str, str]:
     """The corpus and its name: tinyshakespeare, or the stdlib's docstrings when it is absent."""
     if path.is_file():
         return path.read_text(encoding="utf-8"), path.name
-    docs = []
-    for module_name in DOCSTRING_MODULES:
-        module = importlib.import_module(module_name)
-        docs.append(inspect.getdoc(module) or "")
-        for name in sorted(vars(module)):
-            if not name.startswith("_"):
-                docs.append(inspect.getdoc(getattr(module, name)) or "")
-    return "\n\n".join(dict.fromkeys(docs)), "stdlib docstrings"
+    return "\n\n".join(stdlib_docstrings().values()), "stdlib docstrings"
 
 
 def split_tokens(text: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,6 @@ the same tests with no download.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from pathlib import Path
 
 import lightning as L
@@ -16,23 +14,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_lowprec.litgpt.checkpoint import stdlib_docstrings
+
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-DOCSTRING_MODULES = (
-    "argparse",
-    "collections",
-    "functools",
-    "inspect",
-    "itertools",
-    "json",
-    "logging",
-    "pathlib",
-    "re",
-    "string",
-    "subprocess",
-    "textwrap",
-    "typing",
-    "unittest",
-)
 SEQ_LEN = 64
 BATCH_SIZE = 8
 TEXT_CHARS = 200_000
@@ -48,14 +32,7 @@ def load_text() -> str:
     """About 200k characters of English-like text."""
     if SHAKESPEARE.is_file():
         return SHAKESPEARE.read_text(encoding="utf-8")[:TEXT_CHARS]
-    docs = []
-    for module_name in DOCSTRING_MODULES:
-        module = importlib.import_module(module_name)
-        docs.append(inspect.getdoc(module) or "")
-        for name in sorted(vars(module)):
-            if not name.startswith("_"):
-                docs.append(inspect.getdoc(getattr(module, name)) or "")
-    return "\n\n".join(dict.fromkeys(docs))[:TEXT_CHARS]
+    return "\n\n".join(stdlib_docstrings().values())[:TEXT_CHARS]
 
 
 def gpt_config(**overrides):
