@@ -116,6 +116,26 @@ def test_non_finite_gradient_skips_only_that_parameter(cls, kwargs):
     assert all(torch.isfinite(p).all() for p in params)
 
 
+@pytest.mark.parametrize("cls", [LMD, MPlusAdam, Madam])
+def test_compiled_check_of_large_gradients_skips_non_finite_ones(cls):
+    """Gradients of COMPILED_MIN_NUMEL elements and more are checked as four summed quarters:
+    an inf in one quarter and a -inf at the same place in another must still be caught."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(256, 256, generator=g) * 0.02) for _ in range(3)]
+    opt = build(cls, params, compiled=True)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    quarter = params[0].numel() // 4
+    params[0].grad.view(-1)[5] = float("inf")
+    params[0].grad.view(-1)[5 + quarter] = float("-inf")
+    params[1].grad.view(-1)[-1] = float("nan")
+    opt.step()
+    assert torch.equal(params[0], before[0]) and torch.equal(params[1], before[1])
+    assert not torch.equal(params[2], before[2])
+    assert opt.skipped_steps == 2 and opt.state[params[2]]["step"] == 1
+
+
 @pytest.mark.parametrize(("cls", "kwargs"), CONFIGS)
 def test_closure_frozen_one_dim_and_zero_tensors(cls, kwargs):
     params = make_params()

@@ -178,6 +178,29 @@ def _update_foreach(
     return w_news
 
 
+def _validate(g: dict[str, Any]) -> None:
+    """Check every M+Adam hyperparameter of a group (see :class:`MPlusAdam` for the ranges)."""
+    inf = math.inf
+    require_range("lr", g["lr"], 0.0, inf, low_open=True)
+    require_betas("betas", g["betas"])
+    require_range("eps", g["eps"], 0.0, inf)
+    require_range("weight_decay", g["weight_decay"], 0.0, inf)
+    require_range("lr * weight_decay", g["lr"] * g["weight_decay"], 0.0, 1.0)
+    require_range("lr_m_ratio", g["lr_m_ratio"], 0.0, inf)
+    require(g["storage"] in STORAGE_FORMATS, "storage", g["storage"],
+            f"one of {tuple(STORAGE_FORMATS)}")
+    require(g["rounding"] in (None, "even", "stochastic"), "rounding", g["rounding"],
+            "None, 'even' or 'stochastic'")
+    valid_dtypes = (None, "float32", "bfloat16", torch.float32, torch.bfloat16)
+    require(g["state_dtype"] in valid_dtypes, "state_dtype", g["state_dtype"],
+            "None, float32 or bfloat16 (a torch.dtype or its name)")
+    require(g["adamw"] in ADAMW_MODES, "adamw", g["adamw"], f"one of {ADAMW_MODES}")
+    require(isinstance(g["seed"], int) and not isinstance(g["seed"], bool), "seed", g["seed"],
+            "an int (or None to draw one)")
+    require(g["foreach"] in (None, True, False), "foreach", g["foreach"], "None or a bool")
+    require(isinstance(g["compiled"], bool), "compiled", g["compiled"], "a bool")
+
+
 class MPlusAdam(LowPrecisionOptimizer):
     """M+Adam: ``w <- w + w * u_m + u_a`` rounded into a storage format (see module doc).
 
@@ -231,10 +254,12 @@ class MPlusAdam(LowPrecisionOptimizer):
             generator.
         foreach: ``None``/``True`` use ``torch._foreach_*`` ops, ``False`` one tensor at a time.
         compiled: run each tensor's update (and BF16 rounding) as one ``torch.compile``'d
-            kernel (1.9-2.0x a fused AdamW step on one CPU core, measured; the eager paths
+            kernel (1.6-1.75x a fused AdamW step on one CPU core, measured; the eager paths
             are 30x); tensors under ``COMPILED_MIN_NUMEL`` (65536) elements take the
             ``foreach`` ops.
     """
+
+    _validate_group = staticmethod(_validate)
 
     def __init__(
         self,
@@ -260,12 +285,7 @@ class MPlusAdam(LowPrecisionOptimizer):
             storage=storage, rounding=rounding, state_dtype=state_dtype, adamw=adamw,
             seed=seed, foreach=foreach, compiled=compiled,
         )
-        _validate(defaults)
         super().__init__(params, defaults)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        _validate(self.param_groups[-1])
 
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         dtype = _state_dtype(group["state_dtype"], p)
@@ -368,26 +388,3 @@ def _state_dtype(name: torch.dtype | str | None, p: Tensor) -> torch.dtype:
     if name is None:
         return torch.bfloat16 if p.dtype == torch.bfloat16 else torch.float32
     return getattr(torch, name) if isinstance(name, str) else name
-
-
-def _validate(g: dict[str, Any]) -> None:
-    """Check every M+Adam hyperparameter of a group (see :class:`MPlusAdam` for the ranges)."""
-    inf = math.inf
-    require_range("lr", g["lr"], 0.0, inf, low_open=True)
-    require_betas("betas", g["betas"])
-    require_range("eps", g["eps"], 0.0, inf)
-    require_range("weight_decay", g["weight_decay"], 0.0, inf)
-    require_range("lr * weight_decay", g["lr"] * g["weight_decay"], 0.0, 1.0)
-    require_range("lr_m_ratio", g["lr_m_ratio"], 0.0, inf)
-    require(g["storage"] in STORAGE_FORMATS, "storage", g["storage"],
-            f"one of {tuple(STORAGE_FORMATS)}")
-    require(g["rounding"] in (None, "even", "stochastic"), "rounding", g["rounding"],
-            "None, 'even' or 'stochastic'")
-    valid_dtypes = (None, "float32", "bfloat16", torch.float32, torch.bfloat16)
-    require(g["state_dtype"] in valid_dtypes, "state_dtype", g["state_dtype"],
-            "None, float32 or bfloat16 (a torch.dtype or its name)")
-    require(g["adamw"] in ADAMW_MODES, "adamw", g["adamw"], f"one of {ADAMW_MODES}")
-    require(isinstance(g["seed"], int) and not isinstance(g["seed"], bool), "seed", g["seed"],
-            "an int (or None to draw one)")
-    require(g["foreach"] in (None, True, False), "foreach", g["foreach"], "None or a bool")
-    require(isinstance(g["compiled"], bool), "compiled", g["compiled"], "a bool")
