@@ -28,6 +28,7 @@ from itertools import chain
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -35,7 +36,7 @@ __all__ = [
     "ADAMW_MODES", "COMPILED_MIN_NUMEL", "EXP_NORMAL_RANGE", "EXP_SMALL_BOUND",
     "LowPrecisionOptimizer", "by_device", "clamp_where", "compiled", "ema_", "exp_normal",
     "exp_small", "expm1_small", "flip_sign", "is_real", "require", "require_betas",
-    "require_range",
+    "require_range", "shared_seed",
 ]
 
 AdamWMode = Literal["auto", "always", "never"]
@@ -204,6 +205,26 @@ def _quarter_sum(g: Tensor) -> Tensor:
     stream leaves memory bandwidth unused (measured on the gradients of pythia-70m)."""
     q = g.view(4, -1).float()
     return (q[0] + q[1] + q[2] + q[3]).sum()
+
+
+def shared_seed(seed: int | None) -> int:
+    """``seed``, or when ``None`` one drawn from torch's global generator; under an initialised
+    ``torch.distributed`` of several processes, rank 0's draw, broadcast to every rank.
+
+    Why: LMD's samples (and its ``moment_matched`` initialisation) and M+Adam's stochastic
+    rounding are pure functions of the seed; ranks with different seeds (no
+    ``seed_everything``) would train at different samples, and with a moment-matched start,
+    LMD's ``separate_momentum`` or stochastic rounding their weights would drift apart. The broadcast is a collective: build the optimizer on
+    every rank, as DDP, Lightning and Fabric do.
+    """
+    if seed is not None:
+        return seed
+    drawn = int(torch.randint(0, 2**62, ()).item())
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [drawn]
+        dist.broadcast_object_list(box, src=0)
+        drawn = box[0]
+    return drawn
 
 
 def by_device(tensors: list[Tensor]) -> list[list[int]]:

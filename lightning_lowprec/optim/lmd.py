@@ -42,6 +42,7 @@ from lightning_lowprec.optim.base import (
     require,
     require_betas,
     require_range,
+    shared_seed,
 )
 from lightning_lowprec.optim.counter_rng import NOISE_KINDS, NoiseKind, derive_keys, normal_pair
 from lightning_lowprec.posterior import sampled_params, track
@@ -328,7 +329,8 @@ class LMD(LowPrecisionOptimizer):
         betas: the AdamW rule's ``(beta1, beta2)``, each in [0, 1).
         eps: the AdamW rule's epsilon (>= 0).
         seed: base of every random stream; ``None`` draws one from torch's global generator
-            (so ``seed_everything`` makes it reproducible and equal across DDP ranks).
+            (so ``seed_everything`` makes it reproducible), broadcast from rank 0 under
+            ``torch.distributed`` (:func:`~lightning_lowprec.optim.base.shared_seed`).
         foreach: ``None``/``True`` use ``torch._foreach_*`` ops, ``False`` one tensor at a time.
         compiled: run each tensor's update and sample as one ``torch.compile``'d kernel with
             in-graph noise (the fast path; the first step compiles for tens of seconds; a step
@@ -361,8 +363,7 @@ class LMD(LowPrecisionOptimizer):
         foreach: bool | None = None,
         compiled: bool = False,
     ) -> None:
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
+        seed = shared_seed(seed)
         defaults = dict(
             lr=lr, momentum=momentum, sigma=sigma, weight_decay=weight_decay, m_ref=m_ref,
             init=init, init_sigma=init_sigma, sign_beta=sign_beta,

@@ -36,6 +36,7 @@ from lightning_lowprec.optim.base import (
     require,
     require_betas,
     require_range,
+    shared_seed,
 )
 from lightning_lowprec.optim.counter_rng import derive_keys, random_words
 from lightning_lowprec.quantize import quantize
@@ -251,7 +252,8 @@ class MPlusAdam(LowPrecisionOptimizer):
         state_dtype: ``None``, ``torch.float32``/``"float32"`` or ``torch.bfloat16``/``"bfloat16"``.
         adamw: ``"never"``, ``"auto"`` or ``"always"`` (see above).
         seed: base of the stochastic-rounding streams; ``None`` draws one from torch's global
-            generator.
+            generator, broadcast from rank 0 under ``torch.distributed``
+            (:func:`~lightning_lowprec.optim.base.shared_seed`).
         foreach: ``None``/``True`` use ``torch._foreach_*`` ops, ``False`` one tensor at a time.
         compiled: run each tensor's update (and BF16 rounding) as one ``torch.compile``'d
             kernel (1.6-1.75x a fused AdamW step on one CPU core, measured; the eager paths
@@ -278,8 +280,7 @@ class MPlusAdam(LowPrecisionOptimizer):
         foreach: bool | None = None,
         compiled: bool = False,
     ) -> None:
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
+        seed = shared_seed(seed)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_m_ratio=lr_m_ratio,
             storage=storage, rounding=rounding, state_dtype=state_dtype, adamw=adamw,
