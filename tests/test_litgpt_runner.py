@@ -154,6 +154,33 @@ def test_clipping_bounds_the_update_in_fine_tuning(default, tmp_path):
     assert 0 < moved <= 1.5 * lr * max_norm * 1.001
 
 
+class RecordingSGD(torch.optim.SGD):
+    """SGD that records every group's learning rate at each step, by group name."""
+
+    seen: list[dict[str, float]] = []
+
+    def step(self, closure=None):
+        RecordingSGD.seen.append({g["name"]: g["lr"] for g in self.param_groups})
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("recipe", ["pretrain-adamw", "finetune_full-adamw"])
+def test_multiplier_lr_ratio_holds_under_litgpts_schedule(recipe, default, tmp_path):
+    """finetune_full's scheduler scales each group's own lr; pretrain sets one lr for all
+    groups before every step, and the runner puts the ratio back for the step."""
+    RecordingSGD.seen = []
+    command = recipe.split("-")[0]
+    run(command, recipe_args(REPO / "recipes" / f"{recipe}.yaml", default, tmp_path / "out") + [
+        "--lowprec.optimizer", "{class_path: test_litgpt_runner.RecordingSGD, "
+                               "init_args: {lr: 0.01}}",
+        "--lowprec.multipliers", "paper", "--lowprec.param_groups", "{multiplier_lr_ratio: 3}",
+    ])
+    assert len(RecordingSGD.seen) == STEPS
+    for lrs in RecordingSGD.seen:
+        assert lrs["multipliers"] == pytest.approx(3 * lrs["matrices"])
+    assert any(lrs["matrices"] > 0 for lrs in RecordingSGD.seen)
+
+
 def test_check_litgpt_accepts_the_installed_litgpt_for_every_command():
     for command in patch.COMMANDS:
         patch.check_litgpt(command)

@@ -248,7 +248,10 @@ class _Run:
         init_args = {**{k: v for k, v in kwargs.items() if k in accepted},
                      **(spec.get("init_args") or {})}
         weight_decay = init_args.get("weight_decay", accepted.get("weight_decay", 0.0))
-        groups = param_groups(self.fabric.model, weight_decay, **self.options.param_groups)
+        lr = init_args.get("lr", accepted.get("lr"))
+        groups = param_groups(self.fabric.model, weight_decay,
+                              lr=lr if isinstance(lr, (int, float)) else None,
+                              **self.options.param_groups)
         return cls(groups, **init_args)
 
     def save_hyperparameters(self, function: Any, checkpoint_dir: Path, *_: Any) -> None:
@@ -328,7 +331,8 @@ class RecipeFabric(L.Fabric):
     so quantized layers quantize the effective weight), the run starts counting its tokens,
     and the callbacks' ``on_after_setup`` fires (Fabric fires it from ``setup`` only; LoRA
     uses ``setup_module``). ``setup_optimizers`` adds clipping before each step when
-    ``lowprec.max_norm`` is set.
+    ``lowprec.max_norm`` is set and, for ``pretrain``, keeps the groups' learning-rate ratios
+    (:func:`_keep_lr_ratios`).
     """
 
     def __init__(
@@ -381,9 +385,11 @@ class RecipeFabric(L.Fabric):
     def setup_optimizers(self, *optimizers: Any) -> Any:
         out = super().setup_optimizers(*optimizers)
         max_norm = self._run.options.max_norm
-        if max_norm is not None:
-            for optimizer in out if isinstance(out, tuple) else (out,):
+        for optimizer in out if isinstance(out, tuple) else (out,):
+            if max_norm is not None:
                 _clip_before_step(self, optimizer, max_norm)
+            if self._run.command == "pretrain":
+                _keep_lr_ratios(optimizer)
         return out
 
     def _prepare(self, module: nn.Module) -> None:
@@ -412,6 +418,34 @@ def _clip_before_step(fabric: RecipeFabric, optimizer: Any, max_norm: float) -> 
 
     # A bound method, as torch's LR schedulers expect when they wrap ``step`` in turn.
     optimizer.step = types.MethodType(clipped_step, optimizer)
+
+
+def _keep_lr_ratios(optimizer: Any) -> None:
+    """Make each ``optimizer.step()`` use every group's lr times its ratio at setup.
+
+    litgpt's ``pretrain`` sets every group's ``lr`` to its schedule's value (from
+    ``defaults["lr"]``) before each step, which would erase a group's own rate (e.g.
+    ``lowprec.param_groups.multiplier_lr_ratio``). The ratio ``group lr / defaults lr`` is taken
+    here, applied for the duration of each step and undone after it, so the schedule's value
+    is what litgpt reads and saves. Nothing is wrapped when every ratio is 1.
+    """
+    base = optimizer.defaults["lr"]
+    ratios = [group["lr"] / base for group in optimizer.param_groups]
+    if all(r == 1.0 for r in ratios):
+        return
+    step = optimizer.step
+
+    def step_at_ratios(self: Any, *args: Any, **kwargs: Any) -> Any:
+        scheduled = [group["lr"] for group in self.param_groups]
+        for group, ratio in zip(self.param_groups, ratios, strict=True):
+            group["lr"] = group["lr"] * ratio
+        try:
+            return step(*args, **kwargs)
+        finally:
+            for group, lr in zip(self.param_groups, scheduled, strict=True):
+                group["lr"] = lr
+
+    optimizer.step = types.MethodType(step_at_ratios, optimizer)
 
 
 def _total_steps(config: Any) -> int | None:

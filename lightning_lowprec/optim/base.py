@@ -214,8 +214,9 @@ def shared_seed(seed: int | None) -> int:
     Why: LMD's samples (and its ``moment_matched`` initialisation) and M+Adam's stochastic
     rounding are pure functions of the seed; ranks with different seeds (no
     ``seed_everything``) would train at different samples, and with a moment-matched start,
-    LMD's ``separate_momentum`` or stochastic rounding their weights would drift apart. The broadcast is a collective: build the optimizer on
-    every rank, as DDP, Lightning and Fabric do.
+    LMD's ``separate_momentum`` or stochastic rounding their weights would drift apart. The
+    broadcast is a collective: build the optimizer on every rank, as DDP, Lightning and Fabric
+    do.
     """
     if seed is not None:
         return seed
