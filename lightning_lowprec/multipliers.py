@@ -181,12 +181,6 @@ class Multipliers(nn.Module):
             weight, self.row_multiplier, self.column_multiplier, self.scalar_multiplier
         )
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # deepcopy rebuilds each Parameter without its attributes: mark the copies again.
-        super().__setstate__(state)
-        for parameter in self.parameters():
-            mark_multiplier(parameter)
-
     def extra_repr(self) -> str:
         shapes = [
             f"{kind}={tuple(p.shape)}"

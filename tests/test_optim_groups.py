@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -58,6 +61,11 @@ def test_multiplier_marking():
     p = nn.Parameter(torch.ones(3))
     assert not is_multiplier(p)
     assert mark_multiplier(p) is p and is_multiplier(p) and getattr(p, MULTIPLIER_ATTR)
+    assert is_multiplier(copy.deepcopy(p))  # deepcopy keeps a Parameter's class, not its attributes
+    buffer = io.BytesIO()
+    torch.save(p, buffer)
+    buffer.seek(0)
+    assert is_multiplier(torch.load(buffer, weights_only=False))  # pickling keeps attributes
     named_only = nn.Module()
     named_only.my_multiplier = nn.Parameter(torch.ones(3))  # a name is not a mark
     assert param_groups(named_only)[0]["name"] == "norms_biases"

@@ -36,14 +36,26 @@ MULTIPLIER_ATTR = "_lowprec_multiplier"
 GROUP_NAMES: tuple[str, ...] = ("matrices", "norms_biases", "embeddings", "multipliers")
 
 
+class _MultiplierParameter(nn.Parameter):
+    """The class :func:`mark_multiplier` gives a plain ``nn.Parameter``: ``copy.deepcopy`` of a
+    Parameter copies its data and class but not its attributes, and Lightning's
+    ``StochasticWeightAveraging`` or an EMA callback deep-copy the model."""
+
+
 def is_multiplier(p: Tensor) -> bool:
     """Whether ``p`` is marked as a learnable multiplier."""
-    return bool(getattr(p, MULTIPLIER_ATTR, False))
+    return isinstance(p, _MultiplierParameter) or bool(getattr(p, MULTIPLIER_ATTR, False))
 
 
 def mark_multiplier(p: nn.Parameter) -> nn.Parameter:
-    """Mark ``p`` as a learnable multiplier (returns it, for use in ``__init__``)."""
+    """Mark ``p`` as a learnable multiplier (returns it, for use in ``__init__``).
+
+    The mark is an attribute (kept by pickling, e.g. ``torch.save`` of a whole module) and,
+    for a plain ``nn.Parameter``, its class (kept by ``copy.deepcopy``).
+    """
     setattr(p, MULTIPLIER_ATTR, True)
+    if type(p) is nn.Parameter:
+        p.__class__ = _MultiplierParameter
     return p
 
 
