@@ -249,6 +249,13 @@ class LowPrecision(FabricMixedPrecision):
             self._sample_posteriors()
         else:
             self._restore_posteriors()
+        with self._step_context():
+            yield
+
+    @contextmanager
+    def _step_context(self) -> Iterator[None]:
+        """Autocast (:meth:`_autocast_context`); an exception inside means no backward will
+        restore the point estimate, so it is restored here before the exception goes on."""
         try:
             with self._autocast_context():
                 yield
@@ -441,11 +448,8 @@ class LowPrecisionPlugin(MixedPrecision, LowPrecision):
         self._sample_posteriors()
         self._in_training_step = True
         try:
-            with self._autocast_context():
+            with self._step_context():
                 yield
-        except BaseException:
-            self._restore_posteriors()
-            raise
         finally:
             self._in_training_step = False
         if not self._automatic():
