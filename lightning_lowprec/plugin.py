@@ -22,6 +22,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.precision import MixedPrecision as FabricMixedPrecision
+from lightning.fabric.plugins.precision.utils import _DtypeContextManager
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch import Tensor, nn
@@ -42,11 +43,13 @@ from lightning_lowprec.quantize import Rounding
 __all__ = ["LowPrecision", "LowPrecisionPlugin"]
 
 AUTOCAST_MODES: tuple[str, ...] = ("bf16",)
+PARAM_DTYPES: tuple[str, ...] = ("bf16",)
 _REPR_DEFAULTS = {
     "include": None,
     "quantize_backward": False,
     "rounding": "even",
     "autocast": None,
+    "param_dtype": None,
     "sample": True,
 }
 _LINKS = ("_set_up", "_connected", "_lightning_module", "_in_training_step")
@@ -70,7 +73,8 @@ class LowPrecision(FabricMixedPrecision):
     (``Fabric(precision="bf16-mixed", plugins=[LowPrecision(...)])`` raises "Received both
     precision=... and plugins=..."). Pass ``LowPrecision(..., autocast="bf16")`` instead: the
     forward then runs under ``torch.autocast`` in bf16 exactly as ``precision="bf16-mixed"``
-    does, and the quantized operands are bf16.
+    does, and the quantized operands are bf16. For ``precision="bf16-true"`` (parameters
+    stored in bf16, half the memory, no fp32 copy anywhere) pass ``param_dtype="bf16"``.
 
     Strategies: single device and DDP (``"ddp"``, ``"ddp_spawn"``, ...). FSDP and DeepSpeed
     accept only their own precision plugins; Lightning raises a ``TypeError`` ("The FSDP
@@ -116,6 +120,12 @@ class LowPrecision(FabricMixedPrecision):
         rounding: ``"even"`` (the MX spec's round-to-nearest-even), ``"nearest"`` or
             ``"stochastic"``.
         autocast: ``None`` (the working dtype is the parameters') or ``"bf16"``.
+        param_dtype: ``None`` (parameters as the model made them) or ``"bf16"``: Lightning's
+            ``"bf16-true"``. ``setup`` converts the model to bf16, ``init_module()`` creates
+            bf16 tensors, forwards run with bf16 as the default dtype, floating inputs are cast
+            to bf16 and outputs back to fp32. The optimizers here keep fp32 state beside bf16
+            weights (M+Adam with ``storage=None`` rounds its update into them: no fp32
+            master). Not combined with ``autocast``.
         device: device type of the autocast (``"cuda"``, ``"cpu"``, ...); default ``"cuda"`` if
             CUDA is available, else ``"cpu"``. Only used with ``autocast``.
         sample: with a posterior optimizer, train at samples (``True``, the method) or at the
@@ -123,9 +133,10 @@ class LowPrecision(FabricMixedPrecision):
             ablation). No effect on plain optimizers.
 
     Raises:
-        ValueError: an unknown format, rounding or autocast mode, a format missing for one
-            operand, or ``include``/``quantize_backward`` without a format; at setup, a model
-            with no Linear layer selected.
+        ValueError: an unknown format, rounding, autocast mode or param_dtype, ``autocast``
+            with ``param_dtype``, a format missing for one operand, or
+            ``include``/``quantize_backward`` without a format; at setup, a model with no
+            Linear layer selected.
 
     Checkpoints: ``state_dict()`` holds the settings above; the Trainer saves it in every
     checkpoint, Fabric when it is part of the saved state
@@ -149,6 +160,7 @@ class LowPrecision(FabricMixedPrecision):
         autocast: Literal["bf16"] | None = None,
         device: str | None = None,
         sample: bool = True,
+        param_dtype: Literal["bf16"] | None = None,
     ) -> None:
         self.w_fmt: Format | None
         self.a_fmt: Format | None
@@ -177,12 +189,23 @@ class LowPrecision(FabricMixedPrecision):
                 f"{', '.join(map(repr, AUTOCAST_MODES))}."
             )
         self.autocast = autocast
+        if param_dtype is not None and param_dtype not in PARAM_DTYPES:
+            raise ValueError(
+                f"Unknown param_dtype {param_dtype!r}. Valid values: None, "
+                f"{', '.join(map(repr, PARAM_DTYPES))}."
+            )
+        if param_dtype is not None and autocast is not None:
+            raise ValueError(
+                f"param_dtype={param_dtype!r} already stores and runs everything in bf16 "
+                f"(Lightning's 'bf16-true'); autocast={autocast!r} is 'bf16-mixed'. Pass one."
+            )
+        self.param_dtype = param_dtype
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if autocast is None:
-            # What MixedPrecision.__init__ sets, for full precision (Lightning reads these).
-            self.precision = "32-true"
+            # What MixedPrecision/HalfPrecision.__init__ set (Lightning reads these).
+            self.precision = "32-true" if param_dtype is None else "bf16-true"
             self.device, self.scaler = device, None
-            self._desired_input_dtype = torch.float32
+            self._desired_input_dtype = torch.float32 if param_dtype is None else torch.bfloat16
         else:
             FabricMixedPrecision.__init__(self, "bf16-mixed", device)
         self._unlink()
@@ -209,8 +232,11 @@ class LowPrecision(FabricMixedPrecision):
         """Re-class the selected Linear layers of ``module`` in place; return ``module``.
 
         With ``fmt=None`` nothing is re-classed. Either way the module is remembered (weakly):
-        Fabric's plugin samples for the training forwards of the modules it set up.
+        Fabric's plugin samples for the training forwards of the modules it set up. With
+        ``param_dtype`` the module is first converted to it.
         """
+        if self.param_dtype is not None:
+            module.to(dtype=self._desired_input_dtype)
         if self.w_fmt is not None:
             quantize_linears(
                 module,
@@ -254,24 +280,36 @@ class LowPrecision(FabricMixedPrecision):
 
     @contextmanager
     def _step_context(self) -> Iterator[None]:
-        """Autocast (:meth:`_autocast_context`); an exception inside means no backward will
-        restore the point estimate, so it is restored here before the exception goes on."""
+        """The forward's dtype context (:meth:`_dtype_context`); an exception inside means no
+        backward will restore the point estimate, so it is restored here before it goes on."""
         try:
-            with self._autocast_context():
+            with self._dtype_context():
                 yield
         except BaseException:
             self._restore_posteriors()
             raise
 
-    def _autocast_context(self) -> AbstractContextManager:
-        """bf16 autocast with ``autocast="bf16"``, else nothing.
+    def _dtype_context(self) -> AbstractContextManager:
+        """The forward's dtype: bf16 autocast with ``autocast="bf16"``, bf16 as the default
+        dtype with ``param_dtype="bf16"`` (as Lightning's ``bf16-true``), else nothing.
 
         The autocast weight cache is off (as in the Trainer's own mixed precision): weights
         may change in place between forwards inside one context.
         """
+        if self.param_dtype is not None:
+            return self.tensor_init_context()
         if self.autocast is None:
             return nullcontext()
         return torch.autocast(self.device, dtype=torch.bfloat16, cache_enabled=False)
+
+    def tensor_init_context(self) -> AbstractContextManager:
+        """With ``param_dtype``, new floating tensors default to it (``init_module()`` too)."""
+        if self.param_dtype is None:
+            return nullcontext()
+        return _DtypeContextManager(self._desired_input_dtype)
+
+    def module_init_context(self) -> AbstractContextManager:
+        return self.tensor_init_context()
 
     def backward(self, tensor: Tensor, model: nn.Module | None, *args: Any, **kwargs: Any) -> None:
         """``fabric.backward``; a backward that raises still leaves the point estimate."""
@@ -344,10 +382,16 @@ class LowPrecision(FabricMixedPrecision):
             optimizer.restore_()
 
     def convert_input(self, data: Any) -> Any:
-        return data if self.autocast is None else super().convert_input(data)
+        """Floating inputs to bf16 under ``autocast`` or ``param_dtype``, else unchanged."""
+        if self.autocast is None and self.param_dtype is None:
+            return data
+        return super().convert_input(data)
 
     def convert_output(self, data: Any) -> Any:
-        return data if self.autocast is None else super().convert_output(data)
+        """Floating outputs back to the default dtype (fp32) when inputs were converted."""
+        if self.autocast is None and self.param_dtype is None:
+            return data
+        return super().convert_output(data)
 
     def state_dict(self) -> dict[str, Any]:
         """The settings, as plain Python values (checkpoints load with ``weights_only=True``)."""
@@ -360,6 +404,7 @@ class LowPrecision(FabricMixedPrecision):
             "quantize_backward": self.quantize_backward,
             "rounding": self.rounding,
             "autocast": self.autocast,
+            "param_dtype": self.param_dtype,
             "sample": self.sample,
         }
 
@@ -417,15 +462,16 @@ class LowPrecisionPlugin(MixedPrecision, LowPrecision):
 
     __init__ = LowPrecision.__init__
     # The Trainer's step contexts below decide about sampling; forwards only need autocast.
-    forward_context = LowPrecision._autocast_context
+    forward_context = LowPrecision._dtype_context
     state_dict = LowPrecision.state_dict
     load_state_dict = LowPrecision.load_state_dict
     # Without a gradient scaler there is nothing to unscale, so fused optimizers may clip.
     clip_gradients = Precision.clip_gradients
 
     def convert_input(self, data: Any) -> Any:
-        # The Trainer's bf16-mixed leaves batches as they are; so does this plugin.
-        return data
+        """The Trainer's bf16-mixed leaves batches as they are, its bf16-true casts floating
+        ones to bf16; so does this plugin."""
+        return data if self.param_dtype is None else LowPrecision.convert_input(self, data)
 
     def connect(
         self, model: nn.Module, optimizers: list[Any], lr_schedulers: list[Any]
@@ -463,7 +509,7 @@ class LowPrecisionPlugin(MixedPrecision, LowPrecision):
         restore after) in the middle of gradient accumulation.
         """
         self._restore_posteriors()
-        with self._autocast_context():
+        with self._dtype_context():
             yield
 
     test_step_context = val_step_context

@@ -154,6 +154,23 @@ def test_clipping_bounds_the_update_in_fine_tuning(default, tmp_path):
     assert 0 < moved <= 1.5 * lr * max_norm * 1.001
 
 
+def test_bf16_true_trains_and_saves_bf16_weights(default, tmp_path):
+    """litgpt's --precision bf16-true becomes the plugin's param_dtype: the model is built in
+    bf16 (init_module), trained there by LMD at samples, and saved in bf16."""
+    out = tmp_path / "out"
+    recipe = REPO / "recipes" / "finetune_full-lmd-mxfp6.yaml"
+    summary = run("finetune_full", recipe_args(recipe, default, out) + [
+        "--precision", "bf16-true", "--train.micro_batch_size", "1",
+        "--train.global_batch_size", "1", "--train.max_seq_length", "32",
+    ])
+    assert summary["steps"] == STEPS
+    weights = torch.load(out / "final" / "lit_model.pth")["model"]
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+    initial = torch.load(default["checkpoint"] / "lit_model.pth")
+    assert any(not torch.equal(initial[k].bfloat16(), weights[k]) for k in initial)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
 class RecordingSGD(torch.optim.SGD):
     """SGD that records every group's learning rate at each step, by group name."""
 

@@ -13,12 +13,21 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BLOCK_LINEARS, SEQ_LEN, GPTModule, TokenWindows, make_gpt, trainer_kwargs
+from conftest import (
+    BLOCK_LINEARS,
+    SEQ_LEN,
+    GPTModule,
+    TokenWindows,
+    gpt_config,
+    make_gpt,
+    trainer_kwargs,
+)
 from lightning.pytorch.strategies import FSDPStrategy
+from litgpt import GPT
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_lowprec import LowPrecision, LowPrecisionPlugin, QuantizedLinear
+from lightning_lowprec import LMD, LowPrecision, LowPrecisionPlugin, MPlusAdam, QuantizedLinear
 from lightning_lowprec.quantize import quantize
 
 FMT = "mxfp6_e2m3"
@@ -89,6 +98,31 @@ def test_trainer_bf16_autocast_through_the_plugin(tokens):
     assert all(p.dtype == torch.float32 for p in module.parameters())
 
 
+class LMDModule(GPTModule):
+    def configure_optimizers(self):
+        return LMD(self.parameters(), lr=1e-2, seed=0)
+
+
+def test_trainer_bf16_true_through_the_plugin(tokens):
+    """param_dtype="bf16" is the Trainer's bf16-true: the model is converted at setup and LMD
+    trains bf16 weights from fp32 state, with bf16 quantized operands."""
+    module = LMDModule()
+    operand_dtypes = []
+    module.gpt.transformer.h[0].mlp.fc.register_forward_hook(
+        lambda layer, args, out: operand_dtypes.append((type(layer), args[0].dtype))
+    )
+    plugin = LowPrecisionPlugin(FMT, param_dtype="bf16")
+    trainer = L.Trainer(**trainer_kwargs(max_steps=12, plugins=[plugin]))
+    trainer.fit(module, DataLoader(TokenWindows(tokens, 12), batch_size=1))
+
+    assert trainer.precision == "bf16-true"
+    assert set(operand_dtypes) == {(QuantizedLinear, torch.bfloat16)}
+    assert all(p.dtype == torch.bfloat16 for p in module.parameters())
+    state = trainer.optimizers[0].state[module.gpt.transformer.h[0].mlp.fc.weight]
+    assert state["log_median_pos"].dtype == torch.float32
+    assert mean(module.losses[-3:]) < mean(module.losses[:3]) - 0.5, module.losses
+
+
 def test_checkpoint_holds_the_settings_and_resumes(loader, tmp_path):
     module = GPTModule()
     trainer = L.Trainer(**trainer_kwargs(max_steps=6, plugins=[LowPrecisionPlugin(FMT)]))
@@ -154,6 +188,32 @@ def test_fabric_trains_with_an_optimizer_built_before_setup(tokens):
     assert not torch.equal(weight, before)  # the optimizer built before setup moved it
 
 
+def test_fabric_bf16_true_creates_converts_and_returns_fp32(tokens):
+    fabric = L.Fabric(accelerator="cpu", devices=1,
+                      plugins=[LowPrecision(FMT, param_dtype="bf16")])
+    with fabric.init_module():
+        created = GPT(gpt_config())
+    assert {p.dtype for p in created.parameters()} == {torch.bfloat16}
+    gpt = make_gpt()  # fp32, converted by setup
+    optimizer = MPlusAdam(gpt.parameters(), lr=3e-3, seed=0)  # storage=None: rounds into bf16
+    model, optimizer = fabric.setup(gpt, optimizer)
+    assert {p.dtype for p in gpt.parameters()} == {torch.bfloat16}
+    assert quantized_names(gpt) == BLOCK_LINEARS
+    inputs, targets = TokenWindows(tokens, 4)[0]
+    losses = []
+    for _ in range(8):
+        logits = model(inputs[None])
+        assert logits.dtype == torch.float32  # convert_output
+        loss = F.cross_entropy(logits.flatten(0, 1), targets)
+        fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert {p.dtype for p in gpt.parameters()} == {torch.bfloat16}
+    assert fabric.strategy.precision.state_dict()["param_dtype"] == "bf16"
+
+
 def test_fabric_saves_and_loads_the_settings_with_the_state(tmp_path):
     fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[LowPrecision(FMT)])
     model = fabric.setup(make_gpt())
@@ -214,6 +274,10 @@ def test_bad_settings_raise(cls):
         cls(FMT, autocast="fp16")
     with pytest.raises(ValueError, match="Unknown rounding 'up'"):
         cls(FMT, rounding="up")
+    with pytest.raises(ValueError, match="Unknown param_dtype 'fp16'. Valid values: None, 'bf16'"):
+        cls(FMT, param_dtype="fp16")
+    with pytest.raises(ValueError, match="autocast='bf16' is 'bf16-mixed'. Pass one."):
+        cls(FMT, param_dtype="bf16", autocast="bf16")
 
 
 def test_a_model_without_selected_linear_layers_raises_at_setup():

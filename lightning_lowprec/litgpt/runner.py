@@ -11,7 +11,8 @@ The arguments are exactly litgpt's (``litgpt finetune_full --help``), plus a ``l
 section in the YAML and ``--lowprec.KEY VALUE`` overrides (see
 :class:`~lightning_lowprec.litgpt.options.LowPrecOptions`). The run is litgpt's recipe code with
 our :class:`~lightning_lowprec.LowPrecision` plugin in its Fabric (litgpt's ``--precision``
-becomes the plugin's autocast), :class:`~lightning_lowprec.callbacks.FabricMergeMultipliers`,
+becomes the plugin's autocast or parameter dtype),
+:class:`~lightning_lowprec.callbacks.FabricMergeMultipliers`,
 :class:`~lightning_lowprec.callbacks.FabricNormMonitor` and a progress bar as callbacks, the
 ``lowprec.optimizer`` built on named parameter groups, and gradient clipping without the
 multipliers (fine-tuning included). How litgpt is patched is in
@@ -53,8 +54,12 @@ from lightning_lowprec.plugin import LowPrecision
 
 __all__ = ["main", "run", "split_args"]
 
-PRECISIONS: dict[str, str | None] = {"32-true": None, "bf16-mixed": "bf16"}
-"""litgpt ``--precision`` values the runner supports, and the plugin autocast each becomes."""
+PRECISIONS: dict[str, dict[str, str]] = {
+    "32-true": {},
+    "bf16-mixed": {"autocast": "bf16"},
+    "bf16-true": {"param_dtype": "bf16"},
+}
+"""litgpt ``--precision`` values the runner supports, and the plugin arguments each becomes."""
 SUMMARY_FILE = "lowprec_summary.json"
 OPTIONS_FILE = "lowprec.yaml"
 _USAGE = (
@@ -326,7 +331,8 @@ class _ProgressBar:
 class RecipeFabric(L.Fabric):
     """The Fabric litgpt's recipe gets: litgpt's arguments, our plugin and callbacks.
 
-    litgpt's precision string becomes the plugin's autocast (:data:`PRECISIONS`). At
+    litgpt's precision string becomes the plugin's autocast or parameter dtype
+    (:data:`PRECISIONS`). At
     ``setup``/``setup_module`` the model gets its multipliers (before the plugin converts it,
     so quantized layers quantize the effective weight), the run starts counting its tokens,
     and the callbacks' ``on_after_setup`` fires (Fabric fires it from ``setup`` only; LoRA
@@ -353,8 +359,8 @@ class RecipeFabric(L.Fabric):
             exclude=options.exclude,
             rounding=options.rounding,
             quantize_backward=options.quantize_backward,
-            autocast=PRECISIONS[precision or "bf16-mixed"],
             sample=options.sample,
+            **PRECISIONS[precision or "bf16-mixed"],
         )
         ours: list[Any] = [FabricMergeMultipliers(), run]
         if options.monitor is not None:
