@@ -288,14 +288,25 @@ class LowPrecisionOptimizer(Optimizer):
     """
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
-        self._validate_group(defaults)
+        self._check_group(defaults)
         super().__init__(params, defaults)
         self._index: dict[Tensor, int] | None = None
 
     @staticmethod
     def _validate_group(group: dict[str, Any]) -> None:
-        """Raise the :func:`require` error for any bad hyperparameter of ``group``."""
+        """Raise the :func:`require` error for any bad hyperparameter of ``group`` that only
+        this subclass has (the shared ones are :meth:`_check_group`'s)."""
         raise NotImplementedError
+
+    def _check_group(self, g: dict[str, Any]) -> None:
+        """The subclass's :meth:`_validate_group`, then the hyperparameters all three share."""
+        self._validate_group(g)
+        require(g["adamw"] in ADAMW_MODES, "adamw", g["adamw"], f"one of {ADAMW_MODES}")
+        if "seed" in g:
+            require(isinstance(g["seed"], int) and not isinstance(g["seed"], bool), "seed",
+                    g["seed"], "an int (or None to draw one)")
+        require(g["foreach"] in (None, True, False), "foreach", g["foreach"], "None or a bool")
+        require(isinstance(g["compiled"], bool), "compiled", g["compiled"], "a bool")
 
     @property
     def skipped_steps(self) -> int:
@@ -303,9 +314,9 @@ class LowPrecisionOptimizer(Optimizer):
         return sum(s.get("skipped", 0) for s in self.state.values())
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """``Optimizer.add_param_group``, then the subclass's validation of the filled group."""
+        """``Optimizer.add_param_group``, then the validation of the filled group."""
         super().add_param_group(param_group)
-        self._validate_group(self.param_groups[-1])
+        self._check_group(self.param_groups[-1])
         self._index = None
 
     def _param_index(self, p: Tensor) -> int:

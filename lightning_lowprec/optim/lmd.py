@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 
 from lightning_lowprec.optim.base import (
-    ADAMW_MODES,
     EXP_NORMAL_RANGE,
     AdamWMode,
     LowPrecisionOptimizer,
@@ -217,7 +216,8 @@ class LogMedians(NamedTuple):
 
 
 def _validate(g: dict[str, Any]) -> None:
-    """Check every LMD hyperparameter of a group (see :class:`LMD` for the ranges)."""
+    """Check the LMD hyperparameters of a group (see :class:`LMD` for the ranges) but
+    ``adamw``, ``seed``, ``foreach`` and ``compiled``, which the base class checks."""
     inf = math.inf
     require_range("lr", g["lr"], 0.0, inf, low_open=True)
     require_range("momentum", g["momentum"], 0.0, 1.0, high_open=True)
@@ -234,14 +234,9 @@ def _validate(g: dict[str, Any]) -> None:
     require(g["point_estimate"] in ("median", "mean"), "point_estimate", g["point_estimate"],
             "'median' or 'mean'")
     require(g["noise"] in NOISE_KINDS, "noise", g["noise"], f"one of {NOISE_KINDS}")
-    require(g["adamw"] in ADAMW_MODES, "adamw", g["adamw"], f"one of {ADAMW_MODES}")
     require_range("adamw_lr_ratio", g["adamw_lr_ratio"], 0.0, inf)
     require_betas("betas", g["betas"])
     require_range("eps", g["eps"], 0.0, inf)
-    require(isinstance(g["seed"], int) and not isinstance(g["seed"], bool), "seed", g["seed"],
-            "an int (or None to draw one)")
-    require(g["foreach"] in (None, True, False), "foreach", g["foreach"], "None or a bool")
-    require(isinstance(g["compiled"], bool), "compiled", g["compiled"], "a bool")
 
 
 class LMD(LowPrecisionOptimizer):

@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from lightning_lowprec.optim.base import (
-    ADAMW_MODES,
     EXP_SMALL_BOUND,
     AdamWMode,
     LowPrecisionOptimizer,
@@ -32,7 +31,6 @@ from lightning_lowprec.optim.base import (
     compiled,
     exp_small,
     flip_sign,
-    require,
     require_betas,
     require_range,
 )
@@ -116,18 +114,16 @@ def _update_foreach(
 
 
 def _validate(g: dict[str, Any]) -> None:
-    """Check every Madam hyperparameter of a group (see :class:`Madam` for the ranges)."""
+    """Check the Madam hyperparameters of a group (see :class:`Madam` for the ranges) but
+    ``adamw``, ``seed``, ``foreach`` and ``compiled``, which the base class checks."""
     inf = math.inf
     require_range("lr", g["lr"], 0.0, inf, low_open=True)
     require_range("p_scale", g["p_scale"], 0.0, inf, low_open=True)
     require_range("g_bound", g["g_bound"], 0.0, inf, low_open=True)
-    require(g["adamw"] in ADAMW_MODES, "adamw", g["adamw"], f"one of {ADAMW_MODES}")
     require_range("adamw_lr_ratio", g["adamw_lr_ratio"], 0.0, inf)
     require_betas("betas", g["betas"])
     require_range("eps", g["eps"], 0.0, inf)
     require_range("weight_decay", g["weight_decay"], 0.0, inf)
-    require(g["foreach"] in (None, True, False), "foreach", g["foreach"], "None or a bool")
-    require(isinstance(g["compiled"], bool), "compiled", g["compiled"], "a bool")
 
 
 class Madam(LowPrecisionOptimizer):

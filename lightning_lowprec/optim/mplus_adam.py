@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 
 from lightning_lowprec.optim.base import (
-    ADAMW_MODES,
     COMPILED_MIN_NUMEL,
     EXP_SMALL_BOUND,
     AdamWMode,
@@ -180,7 +179,8 @@ def _update_foreach(
 
 
 def _validate(g: dict[str, Any]) -> None:
-    """Check every M+Adam hyperparameter of a group (see :class:`MPlusAdam` for the ranges)."""
+    """Check the M+Adam hyperparameters of a group (see :class:`MPlusAdam` for the ranges) but
+    ``adamw``, ``seed``, ``foreach`` and ``compiled``, which the base class checks."""
     inf = math.inf
     require_range("lr", g["lr"], 0.0, inf, low_open=True)
     require_betas("betas", g["betas"])
@@ -195,11 +195,6 @@ def _validate(g: dict[str, Any]) -> None:
     valid_dtypes = (None, "float32", "bfloat16", torch.float32, torch.bfloat16)
     require(g["state_dtype"] in valid_dtypes, "state_dtype", g["state_dtype"],
             "None, float32 or bfloat16 (a torch.dtype or its name)")
-    require(g["adamw"] in ADAMW_MODES, "adamw", g["adamw"], f"one of {ADAMW_MODES}")
-    require(isinstance(g["seed"], int) and not isinstance(g["seed"], bool), "seed", g["seed"],
-            "an int (or None to draw one)")
-    require(g["foreach"] in (None, True, False), "foreach", g["foreach"], "None or a bool")
-    require(isinstance(g["compiled"], bool), "compiled", g["compiled"], "a bool")
 
 
 class MPlusAdam(LowPrecisionOptimizer):
