@@ -181,14 +181,24 @@ def optimizer_class(spec: Mapping[str, Any]) -> type[torch.optim.Optimizer]:
     init_args = spec.get("init_args") or {}
     if not isinstance(init_args, Mapping):
         raise ValueError(f"lowprec.optimizer.init_args must be a mapping, got {init_args!r}.")
-    accepted = set(inspect.signature(cls).parameters) - {"params"}
-    unknown = sorted(set(init_args) - accepted)
+    accepted = constructor_defaults(cls)
+    unknown = sorted(set(init_args) - set(accepted))
     if unknown:
         raise ValueError(
             f"{cls.__name__} does not accept {', '.join(unknown)}. Valid init_args: "
             f"{', '.join(sorted(accepted))}."
         )
     return cls
+
+
+def constructor_defaults(cls: type) -> dict[str, Any]:
+    """``cls``'s constructor arguments but ``params``, with their defaults
+    (``inspect.Parameter.empty`` where there is none)."""
+    return {
+        name: p.default
+        for name, p in inspect.signature(cls).parameters.items()
+        if name != "params"
+    }
 
 
 def _check_keys(name: str, mapping: Any, valid: Sequence[str]) -> None:

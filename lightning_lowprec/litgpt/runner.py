@@ -28,14 +28,14 @@ training tokens, wall time, tokens/s).
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import sys
 import tempfile
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,12 @@ import yaml
 from torch import nn
 
 from lightning_lowprec.callbacks import FabricMergeMultipliers, FabricNormMonitor
-from lightning_lowprec.litgpt.options import SECTION, LowPrecOptions, optimizer_class
+from lightning_lowprec.litgpt.options import (
+    SECTION,
+    LowPrecOptions,
+    constructor_defaults,
+    optimizer_class,
+)
 from lightning_lowprec.litgpt.patch import COMMANDS, patched, recipe_module
 from lightning_lowprec.multipliers import add_multipliers
 from lightning_lowprec.optim.groups import param_groups
@@ -249,7 +254,7 @@ class _Run:
         if self.fabric is None or self.fabric.model is None:
             raise RuntimeError("lowprec-litgpt: litgpt built the optimizer before the model.")
         cls = optimizer_class(spec)
-        accepted = _constructor_defaults(cls)
+        accepted = constructor_defaults(cls)
         init_args = {**{k: v for k, v in kwargs.items() if k in accepted},
                      **(spec.get("init_args") or {})}
         weight_decay = init_args.get("weight_decay", accepted.get("weight_decay", 0.0))
@@ -304,15 +309,6 @@ def _litgpt_instantiate(optimizer: Any, model_parameters: Any, **kwargs: Any):
     return instantiate_torch_optimizer(optimizer, model_parameters, **kwargs)
 
 
-def _constructor_defaults(cls: type) -> dict[str, Any]:
-    """``cls``'s constructor arguments (but ``params``) with their defaults."""
-    return {
-        name: p.default
-        for name, p in inspect.signature(cls).parameters.items()
-        if name != "params"
-    }
-
-
 class _ProgressBar:
     """Fabric callback: a tqdm bar over the optimizer steps (rank 0)."""
 
@@ -332,13 +328,12 @@ class RecipeFabric(L.Fabric):
     """The Fabric litgpt's recipe gets: litgpt's arguments, our plugin and callbacks.
 
     litgpt's precision string becomes the plugin's autocast or parameter dtype
-    (:data:`PRECISIONS`). At
-    ``setup``/``setup_module`` the model gets its multipliers (before the plugin converts it,
-    so quantized layers quantize the effective weight), the run starts counting its tokens,
-    and the callbacks' ``on_after_setup`` fires (Fabric fires it from ``setup`` only; LoRA
-    uses ``setup_module``). ``setup_optimizers`` adds clipping before each step when
-    ``lowprec.max_norm`` is set and, for ``pretrain``, keeps the groups' learning-rate ratios
-    (:func:`_keep_lr_ratios`).
+    (:data:`PRECISIONS`). At ``setup``/``setup_module`` the model gets its multipliers (before
+    the plugin converts it, so quantized layers quantize the effective weight), the run starts
+    counting its tokens, and the callbacks' ``on_after_setup`` fires (Fabric fires it from
+    ``setup`` only; LoRA uses ``setup_module``). ``setup_optimizers`` adds clipping before
+    each step when ``lowprec.max_norm`` is set and, for ``pretrain``, keeps the groups'
+    learning-rate ratios (:func:`_keep_lr_ratios`).
     """
 
     def __init__(
@@ -410,20 +405,34 @@ class RecipeFabric(L.Fabric):
             self._progress.close()
 
 
+def _around_step(optimizer: Any, around: Callable[[Any], AbstractContextManager]) -> None:
+    """Make every ``optimizer.step()`` run inside ``around(optimizer)``.
+
+    The new ``step`` is a bound method, as torch's LR schedulers expect when they wrap
+    ``step`` in turn.
+    """
+    step = optimizer.step
+
+    def step_around(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with around(self):
+            return step(*args, **kwargs)
+
+    optimizer.step = types.MethodType(step_around, optimizer)
+
+
 def _clip_before_step(fabric: RecipeFabric, optimizer: Any, max_norm: float) -> None:
     """Make ``optimizer.step()`` clip the gradients first (through the plugin: multipliers out).
 
     ``error_if_nonfinite=False``: a non-finite gradient reaches the optimizer, which skips that
     parameter's step and counts it, instead of stopping the run.
     """
-    step = optimizer.step
 
-    def clipped_step(self: Any, *args: Any, **kwargs: Any) -> Any:
-        fabric.clip_gradients(fabric._wrapped, self, max_norm=max_norm, error_if_nonfinite=False)
-        return step(*args, **kwargs)
+    @contextmanager
+    def clipped(opt: Any) -> Iterator[None]:
+        fabric.clip_gradients(fabric._wrapped, opt, max_norm=max_norm, error_if_nonfinite=False)
+        yield
 
-    # A bound method, as torch's LR schedulers expect when they wrap ``step`` in turn.
-    optimizer.step = types.MethodType(clipped_step, optimizer)
+    _around_step(optimizer, clipped)
 
 
 def _keep_lr_ratios(optimizer: Any) -> None:
@@ -439,19 +448,19 @@ def _keep_lr_ratios(optimizer: Any) -> None:
     ratios = [group["lr"] / base for group in optimizer.param_groups]
     if all(r == 1.0 for r in ratios):
         return
-    step = optimizer.step
 
-    def step_at_ratios(self: Any, *args: Any, **kwargs: Any) -> Any:
-        scheduled = [group["lr"] for group in self.param_groups]
-        for group, ratio in zip(self.param_groups, ratios, strict=True):
+    @contextmanager
+    def at_ratios(opt: Any) -> Iterator[None]:
+        scheduled = [group["lr"] for group in opt.param_groups]
+        for group, ratio in zip(opt.param_groups, ratios, strict=True):
             group["lr"] = group["lr"] * ratio
         try:
-            return step(*args, **kwargs)
+            yield
         finally:
-            for group, lr in zip(self.param_groups, scheduled, strict=True):
+            for group, lr in zip(opt.param_groups, scheduled, strict=True):
                 group["lr"] = lr
 
-    optimizer.step = types.MethodType(step_at_ratios, optimizer)
+    _around_step(optimizer, at_ratios)
 
 
 def _total_steps(config: Any) -> int | None:
