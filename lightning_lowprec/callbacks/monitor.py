@@ -517,10 +517,18 @@ class FabricNormMonitor:
                 clipped = strategy.precision.main_params(optimizer)
                 self._recorder.record_gradients(optimizer, clipped)
             scalars, histograms = self._recorder.collect([optimizer])
-            self._fabric.log_dict(scalars, step=self._step)
-            _write_histograms(self._fabric.loggers, histograms, self._step)
+            self._fabric.log_dict(scalars, step=self.log_step(self._step))
+            _write_histograms(self._fabric.loggers, histograms, self.log_step(self._step))
         if self._recorder.logs_at(self._step + 1):
             self._recorder.arm()
+
+    def log_step(self, step: int) -> int:
+        """The logger step of optimizer step ``step``'s numbers: ``step`` itself.
+
+        Override to share another loop's x-axis (``lowprec-litgpt`` maps it onto litgpt's
+        micro-batch iteration count, where litgpt logs its own metrics).
+        """
+        return step
 
     def state_dict(self) -> dict[str, int]:
         """The optimizer-step count, so that a resumed run logs at the right steps."""

@@ -12,12 +12,15 @@ A recipe is a LitGPT YAML file plus one extra top-level key::
       max_norm: 1.0                   # clip gradients (multipliers left out); fine-tuning too
       monitor: {every_n_steps: 10}    # NormMonitor settings; null: off
 
-On the command line every key can be overridden as ``--lowprec.KEY VALUE`` (values are read as
-YAML: ``--lowprec.fmt null``, ``--lowprec.optimizer '{"class_path": ...}'``). Everything else on
+On the command line every key can be overridden as ``--lowprec.KEY VALUE``, nested keys too
+(``--lowprec.optimizer.init_args.lr 0.01``). Files and values are read as jsonargparse reads
+litgpt's own (``lr: 2e-5`` is a number, ``--lowprec.fmt null`` is ``None``), and several files
+and overrides merge key by key, the later winning (:func:`merge_section`). Everything else on
 the command line and in the file is litgpt's own and goes to litgpt unchanged.
 
 Validation happens here, before litgpt starts: an unknown key, format, placement or optimizer
-class fails with a message naming the bad value and the valid choices.
+class, and a value the optimizer or the parameter groups reject (the optimizer is built once on
+a dummy tensor), fail with a message naming the bad value and the valid choices.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from lightning_lowprec.multipliers import PLACEMENTS
 from lightning_lowprec.nn import DEFAULT_EXCLUDE
 from lightning_lowprec.quantize import ROUNDING_MODES
 
-__all__ = ["SECTION", "LowPrecOptions"]
+__all__ = [
+    "SECTION", "LowPrecOptions", "build_optimizer", "load_yaml", "merge_section", "resume_changes",
+]
 
 SECTION = "lowprec"
 """The top-level key of a recipe that holds :class:`LowPrecOptions`."""
@@ -64,7 +69,8 @@ class LowPrecOptions:
             litgpt's ``--optimizer`` and is built on :func:`~lightning_lowprec.optim.param_groups`
             (norms and biases without weight decay, multipliers with their own). ``None``:
             litgpt's optimizer, built by litgpt on the flat parameter list.
-        param_groups: extra arguments of ``param_groups`` (keys :data:`GROUP_KEYS`).
+        param_groups: extra arguments of ``param_groups`` (keys :data:`GROUP_KEYS`); needs
+            ``optimizer`` (litgpt builds its own on one flat parameter list).
         sample: with a posterior optimizer (LMD), train at posterior samples (the method) or
             at the point estimate.
         multipliers: learnable-multiplier placement (a name from
@@ -112,10 +118,17 @@ class LowPrecOptions:
                 f"lowprec.max_norm must be a number > 0 or null, got {self.max_norm!r}."
             )
         _check_keys("param_groups", self.param_groups, GROUP_KEYS)
+        if self.param_groups and self.optimizer is None:
+            raise ValueError(
+                f"lowprec.param_groups {dict(self.param_groups)!r} needs lowprec.optimizer: "
+                "without it litgpt builds its --optimizer on one flat parameter list, so the "
+                "groups would not apply. Set lowprec.optimizer, or remove lowprec.param_groups."
+            )
         if self.monitor is not None:
             _check_keys("monitor", self.monitor, MONITOR_KEYS)
+            _check_monitor(self.monitor)
         if self.optimizer is not None:
-            optimizer_class(self.optimizer)
+            _check_optimizer(self.optimizer, self.param_groups)
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any] | None) -> LowPrecOptions:
@@ -145,6 +158,67 @@ class LowPrecOptions:
             if out[name] is not None:
                 out[name] = list(out[name])
         return out
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` parsed as jsonargparse parses litgpt's files and values (``2e-5`` is a float,
+    which PyYAML's YAML 1.1 rules would leave a string)."""
+    from jsonargparse import get_loader
+
+    return get_loader("yaml")(text)
+
+
+def merge_section(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``override`` key by key, nested mappings merged the same way.
+
+    As jsonargparse does for a class argument, an ``optimizer`` whose ``class_path`` changes
+    starts from the new class's ``init_args`` only: the old class's arguments may not exist in
+    the new one.
+    """
+    merged = dict(base)
+    for key, value in override.items():
+        old = merged.get(key)
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            new_class = value.get("class_path", old.get("class_path"))
+            if key == "optimizer" and new_class != old.get("class_path"):
+                merged[key] = dict(value)
+            else:
+                merged[key] = merge_section(old, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resume_changes(
+    saved: Mapping[str, Any], current: LowPrecOptions
+) -> tuple[list[str], list[str]]:
+    """What differs between a checkpoint's recorded section and this run's.
+
+    Returns:
+        ``(errors, warnings)``: changes a resumed run cannot survive (the optimizer class or
+        its parameter groups, whose saved state would not fit; the multipliers, whose
+        parameters would be missing or unexpected) and changes it survives but that alter what
+        is trained (the number format and its settings, the optimizer's hyperparameters).
+    """
+    before = LowPrecOptions.from_mapping(saved).as_mapping()
+    now = current.as_mapping()
+
+    def changed(key: str) -> str:
+        return f"lowprec.{key}: {_show(before[key])} in the checkpoint, {_show(now[key])} now"
+
+    errors = [changed(k) for k in ("multipliers", "param_groups") if before[k] != now[k]]
+    warnings = []
+    old_opt, new_opt = before["optimizer"] or {}, now["optimizer"] or {}
+    if old_opt.get("class_path") != new_opt.get("class_path"):
+        errors.append(changed("optimizer"))
+    elif old_opt.get("init_args") != new_opt.get("init_args"):
+        warnings.append(changed("optimizer"))
+    warnings += [
+        changed(k)
+        for k in ("fmt", "include", "exclude", "rounding", "quantize_backward", "sample")
+        if before[k] != now[k]
+    ]
+    return errors, warnings
 
 
 def optimizer_class(spec: Mapping[str, Any]) -> type[torch.optim.Optimizer]:
@@ -191,6 +265,41 @@ def optimizer_class(spec: Mapping[str, Any]) -> type[torch.optim.Optimizer]:
     return cls
 
 
+def build_optimizer(
+    spec: Mapping[str, Any],
+    model: torch.nn.Module,
+    groups: Mapping[str, Any],
+    **litgpt_kwargs: Any,
+) -> torch.optim.Optimizer:
+    """The optimizer of ``spec`` on ``model``'s named parameter groups.
+
+    Args:
+        spec: ``{"class_path": ..., "init_args": {...}}`` (see :func:`optimizer_class`).
+        model: the model whose trainable parameters it gets.
+        groups: extra arguments of :func:`~lightning_lowprec.optim.param_groups` (the
+            section's ``param_groups``); the groups' weight decay and lr come from ``init_args``.
+        litgpt_kwargs: what litgpt passes its own optimizer (such as ``fused``); used where the
+            class accepts them and ``init_args`` does not set them.
+    """
+    from lightning_lowprec.optim.groups import param_groups
+
+    cls = optimizer_class(spec)
+    accepted = constructor_defaults(cls)
+    init_args = {
+        **{k: v for k, v in litgpt_kwargs.items() if k in accepted},
+        **(spec.get("init_args") or {}),
+    }
+    weight_decay = init_args.get("weight_decay", accepted.get("weight_decay", 0.0))
+    lr = init_args.get("lr", accepted.get("lr"))
+    built = param_groups(
+        model,
+        weight_decay if isinstance(weight_decay, (int, float)) else 0.0,
+        lr=lr if isinstance(lr, (int, float)) else None,
+        **groups,
+    )
+    return cls(built, **init_args)
+
+
 def constructor_defaults(cls: type) -> dict[str, Any]:
     """``cls``'s constructor arguments but ``params``, with their defaults
     (``inspect.Parameter.empty`` where there is none)."""
@@ -199,6 +308,38 @@ def constructor_defaults(cls: type) -> dict[str, Any]:
         for name, p in inspect.signature(cls).parameters.items()
         if name != "params"
     }
+
+
+def _check_optimizer(spec: Mapping[str, Any], groups: Mapping[str, Any]) -> None:
+    """Build the optimizer once on a dummy model: every value it or
+    :func:`~lightning_lowprec.optim.param_groups` rejects fails here, before litgpt starts."""
+    optimizer_class(spec)
+    lr = (spec.get("init_args") or {}).get("lr", 1.0)
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
+        raise ValueError(
+            f"Invalid lowprec.optimizer.init_args.lr: {lr!r}. Valid values: a number > 0."
+        )
+    dummy = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    try:
+        build_optimizer(spec, dummy, groups)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"Invalid lowprec.optimizer {dict(spec)!r} with lowprec.param_groups "
+            f"{dict(groups)!r}: {error}"
+        ) from error
+
+
+def _check_monitor(monitor: Mapping[str, Any]) -> None:
+    from lightning_lowprec.callbacks import FabricNormMonitor
+
+    try:
+        FabricNormMonitor(**monitor)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"Invalid lowprec.monitor {dict(monitor)!r}: {error}") from error
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else repr(value)
 
 
 def _check_keys(name: str, mapping: Any, valid: Sequence[str]) -> None:

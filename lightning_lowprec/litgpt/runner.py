@@ -2,15 +2,17 @@
 
 ::
 
-    lowprec-litgpt finetune_full CHECKPOINT_DIR --config recipes/finetune_full-lmd-mxfp6.yaml
-    lowprec-litgpt finetune_lora CHECKPOINT_DIR --config recipes/finetune_lora-mplusadam-bf16.yaml
-    lowprec-litgpt pretrain --config recipes/pretrain-lmd-mxfp4-multipliers.yaml
+    lowprec-litgpt finetune_full CHECKPOINT_DIR --config finetune_full-lmd-mxfp6
+    lowprec-litgpt finetune_lora CHECKPOINT_DIR --config finetune_lora-mplusadam-bf16
+    lowprec-litgpt pretrain --config pretrain-lmd-mxfp4-multipliers
+    lowprec-litgpt recipes [NAME]        # list the shipped recipes, or print one
     lowprec-litgpt make_default [DIR]    # the built-in default: model, tokenizer, datasets
 
 The arguments are exactly litgpt's (``litgpt finetune_full --help``), plus a ``lowprec:``
 section in the YAML and ``--lowprec.KEY VALUE`` overrides (see
-:class:`~lightning_lowprec.litgpt.options.LowPrecOptions`). The run is litgpt's recipe code with
-our :class:`~lightning_lowprec.LowPrecision` plugin in its Fabric (litgpt's ``--precision``
+:class:`~lightning_lowprec.litgpt.options.LowPrecOptions`); ``--config`` takes a file or the name
+of a shipped recipe (:mod:`lightning_lowprec.litgpt.recipes`). The run is litgpt's recipe code
+with our :class:`~lightning_lowprec.LowPrecision` plugin in its Fabric (litgpt's ``--precision``
 becomes the plugin's autocast or parameter dtype),
 :class:`~lightning_lowprec.callbacks.FabricMergeMultipliers`,
 :class:`~lightning_lowprec.callbacks.FabricNormMonitor` and a progress bar as callbacks, the
@@ -18,22 +20,32 @@ becomes the plugin's autocast or parameter dtype),
 multipliers (fine-tuning included). How litgpt is patched is in
 :mod:`lightning_lowprec.litgpt.patch`.
 
+What ran is what is recorded: with ``lowprec.optimizer`` set, litgpt is given that optimizer as
+its ``--optimizer`` too, so the config litgpt prints and saves (``hyperparameters.yaml``) names
+the optimizer that trained (a different ``--optimizer`` is refused). Every configuration error
+is found before data or model are built: the console prints its message and exits with status 2.
+
 Outputs are plain LitGPT checkpoints: the parameters hold the point estimate whenever litgpt
 saves, and multipliers are merged into the weights on save (what resuming needs besides goes
 under a separate key that litgpt's loaders ignore), so ``litgpt generate out/.../final`` works.
 Each checkpoint directory also gets ``lowprec.yaml`` (the section that trained it) next to
-litgpt's ``hyperparameters.yaml``; the output directory gets ``lowprec_summary.json`` (steps,
-training tokens, wall time, tokens/s).
+litgpt's ``hyperparameters.yaml``; a ``--resume`` compares it with the current section first
+(:func:`~lightning_lowprec.litgpt.options.resume_changes`). litgpt's resumable checkpoints
+also hold the run's counters under :data:`RUN_STATE_KEY`, so that after a resume the monitor's
+TensorBoard steps, the progress bar and ``lowprec_summary.json`` (steps, training tokens, wall
+time, tokens/s over all sessions) continue where the run stopped.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import tempfile
 import time
 import types
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from functools import partial
@@ -49,15 +61,19 @@ from lightning_lowprec.callbacks import FabricMergeMultipliers, FabricNormMonito
 from lightning_lowprec.litgpt.options import (
     SECTION,
     LowPrecOptions,
-    constructor_defaults,
-    optimizer_class,
+    build_optimizer,
+    load_yaml,
+    merge_section,
+    resume_changes,
 )
 from lightning_lowprec.litgpt.patch import COMMANDS, patched, recipe_module
+from lightning_lowprec.litgpt.recipes import recipe_names, recipe_path, recipe_summary
 from lightning_lowprec.multipliers import add_multipliers
-from lightning_lowprec.optim.groups import param_groups
+from lightning_lowprec.nn import QuantizedLinear
+from lightning_lowprec.optim.groups import is_multiplier
 from lightning_lowprec.plugin import LowPrecision
 
-__all__ = ["main", "run", "split_args"]
+__all__ = ["ConfigError", "main", "run", "split_args"]
 
 PRECISIONS: dict[str, dict[str, str]] = {
     "32-true": {},
@@ -67,21 +83,32 @@ PRECISIONS: dict[str, dict[str, str]] = {
 """litgpt ``--precision`` values the runner supports, and the plugin arguments each becomes."""
 SUMMARY_FILE = "lowprec_summary.json"
 OPTIONS_FILE = "lowprec.yaml"
+RUN_STATE_KEY = "lowprec_run"
+"""Key of the run's counters (steps, tokens, seconds, sessions) in litgpt's resumable state."""
+CONFIG_ERROR_STATUS = 2
 _USAGE = (
     "usage: lowprec-litgpt {finetune_full,finetune_lora,pretrain} [litgpt arguments] "
-    "[--config RECIPE.yaml] [--lowprec.KEY VALUE ...]\n"
+    "[--config RECIPE] [--lowprec.KEY VALUE ...]\n"
+    "       lowprec-litgpt recipes [NAME]\n"
     "       lowprec-litgpt make_default [DIR]\n"
-    "Runs litgpt's own recipe with lightning-lowprec's plugin, optimizer and callbacks; "
-    "see `litgpt <command> --help` for litgpt's arguments."
+    "Runs litgpt's own recipe with lightning-lowprec's plugin, optimizer and callbacks. "
+    "RECIPE: a file, or a shipped recipe's name (lowprec-litgpt recipes). "
+    "`lowprec-litgpt <command> --help` lists litgpt's arguments and the lowprec section."
 )
 
 
+class ConfigError(ValueError):
+    """A configuration ``lowprec-litgpt`` cannot run, found before data or model are built."""
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point of ``lowprec-litgpt``."""
+    """Console entry point of ``lowprec-litgpt``: a configuration error prints its message
+    and exits with status 2 (no traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_USAGE)
-        print(LowPrecOptions.__doc__)
+        print()
+        print(lowprec_help())
         return
     command, args = argv[0], argv[1:]
     if command == "make_default":
@@ -90,36 +117,111 @@ def main(argv: Sequence[str] | None = None) -> None:
         paths = make_default(*args[:1])
         print(json.dumps({name: str(path) for name, path in paths.items()}, indent=1))
         return
-    if command not in COMMANDS:
-        sys.exit(f"Unknown command {command!r}.\n{_USAGE}")
-    run(command, args)
+    try:
+        if command == "recipes":
+            print(_recipes(args))
+            return
+        if command not in COMMANDS:
+            raise ConfigError(f"Unknown command {command!r}.\n{_USAGE}")
+        with configured(command, args) as job:
+            if job is not None:
+                job.execute()
+    except ConfigError as error:
+        print(f"lowprec-litgpt: error: {error}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR_STATUS)
 
 
 def run(command: str, args: Sequence[str]) -> dict[str, Any]:
     """Run litgpt's ``command`` with ``args`` (litgpt's arguments plus the lowprec section).
 
     Usable from Python as well as from the console script: nothing reads ``sys.argv``.
+    ``--help`` and ``--print_config`` print (litgpt's and the lowprec section's) and return
+    ``{}``.
 
     Returns:
         The run summary (also written to ``<out_dir>/lowprec_summary.json``).
 
     Raises:
-        ValueError: a bad ``lowprec`` value, a combination this runner does not support, or
-            invalid litgpt arguments — all before the model is built.
+        ConfigError: (a ``ValueError``) a bad ``lowprec`` value, a combination this runner does
+            not support, or invalid litgpt arguments — all before the model is built.
     """
-    recipe_module(command)  # an unknown command fails here, before any file is read
+    with configured(command, args) as job:
+        return {} if job is None else job.execute()
+
+
+@contextmanager
+def configured(command: str, args: Sequence[str]) -> Iterator[_Run | None]:
+    """The validated run of ``command`` (``None`` when ``args`` asked for help or the config).
+
+    The stripped config files live in a temporary directory for the duration of the block.
+
+    Raises:
+        ConfigError: anything wrong with the configuration.
+    """
     with tempfile.TemporaryDirectory(prefix="lowprec-") as tmp:
-        litgpt_args, section = split_args(args, Path(tmp))
-        options = LowPrecOptions.from_mapping(section)
-        return _Run(command, options, litgpt_args).execute()
+        try:
+            recipe_module(command)  # an unknown command fails here, before any file is read
+            args = list(args)
+            wants_help = any(a in ("-h", "--help") for a in args)
+            print_config = [a for a in args if a.startswith("--print_config")]
+            args = [a for a in args if a not in ("-h", "--help") and a not in print_config]
+            litgpt_args, section = split_args(args, Path(tmp))
+            if wants_help:
+                _parser(command, litgpt_args).print_help()
+                print()
+                print(lowprec_help())
+                job = None
+            else:
+                job = _Run(command, LowPrecOptions.from_mapping(section), litgpt_args)
+        except ConfigError:
+            raise
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        if job is not None and print_config:
+            print(job.parser.dump(job.config, skip_none=False), end="")
+            print(yaml.safe_dump({SECTION: job.options.as_mapping()}, sort_keys=False), end="")
+            job = None
+        yield job
+
+
+def lowprec_help() -> str:
+    """The lowprec section's keys, as plain text (the options' docstring without markup)."""
+    doc = LowPrecOptions.__doc__ or ""
+    return "The lowprec section (--lowprec.KEY VALUE, nested keys too):\n" + _plain(
+        doc[doc.index("Attributes:") + len("Attributes:"):]
+    )
+
+
+def _plain(text: str) -> str:
+    """reStructuredText roles and literals as plain text (``:class:`~a.B``` -> ``B``)."""
+    text = re.sub(r":\w+:`~?([^`]*\.)?([^`.]+)`", r"\2", text)
+    return re.sub(r"``([^`]*)``", r"\1", text)
+
+
+def _recipes(args: Sequence[str]) -> str:
+    if args:
+        return recipe_path(args[0]).read_text()
+    width = max(len(name) for name in recipe_names())
+    lines = [f"{name:<{width}}  {recipe_summary(name)}" for name in recipe_names()]
+    return "\n".join([*lines, "", "lowprec-litgpt recipes NAME prints one; "
+                       "--config NAME runs it."])
+
+
+def _parser(command: str, litgpt_args: Sequence[str]) -> Any:
+    from jsonargparse import CLI, capture_parser
+
+    setup = recipe_module(command).setup
+    return capture_parser(lambda: CLI(setup, args=list(litgpt_args)))
 
 
 def split_args(args: Sequence[str], tmp: Path) -> tuple[list[str], dict[str, Any]]:
     """Separate the ``lowprec`` section from litgpt's arguments.
 
-    Every ``--config FILE`` that has a ``lowprec:`` key is rewritten into ``tmp`` without it;
-    ``--lowprec.KEY VALUE`` / ``--lowprec.KEY=VALUE`` are removed (values parsed as YAML) and
-    override the files' section.
+    Every ``--config FILE_OR_RECIPE`` that has a ``lowprec:`` key is rewritten into ``tmp``
+    without it; ``--lowprec.KEY VALUE`` / ``--lowprec.KEY=VALUE`` are removed (values parsed as
+    jsonargparse parses litgpt's; dotted keys reach into nested mappings) and override the
+    files' sections, which merge in order (:func:`~lightning_lowprec.litgpt.options.
+    merge_section`).
 
     The config files move to the front of litgpt's arguments: jsonargparse applies arguments in
     order, so ``lowprec-litgpt finetune_full MY_CHECKPOINT --config recipe.yaml`` would
@@ -131,6 +233,7 @@ def split_args(args: Sequence[str], tmp: Path) -> tuple[list[str], dict[str, Any
     """
     args = list(args)
     section: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
     configs: list[str] = []
     out: list[str] = []
     i = 0
@@ -144,10 +247,15 @@ def split_args(args: Sequence[str], tmp: Path) -> tuple[list[str], dict[str, Any
             value = args[i + 1] if takes_value else inline
             i += 2 if takes_value else 1
             if name == "--config":
-                configs += ["--config", _strip_section(Path(value), tmp, section)]
+                path, file_section = _strip_section(recipe_path(value), tmp)
+                configs += ["--config", path]
+                section = merge_section(section, file_section)
             else:
-                key = name[len(SECTION) + 3:]
-                section[key] = yaml.safe_load(value)
+                keys = name[len(SECTION) + 3:].split(".")
+                override: Any = load_yaml(value)
+                for key in reversed(keys):
+                    override = {key: override}
+                overrides = merge_section(overrides, override)
             continue
         if name == f"--{SECTION}":
             raise ValueError(
@@ -155,40 +263,50 @@ def split_args(args: Sequence[str], tmp: Path) -> tuple[list[str], dict[str, Any
             )
         out.append(arg)
         i += 1
-    return configs + out, section
+    return configs + out, merge_section(section, overrides)
 
 
-def _strip_section(path: Path, tmp: Path, section: dict[str, Any]) -> str:
-    """Merge ``path``'s lowprec section into ``section``; return a config litgpt can read."""
-    if not path.is_file():
-        raise ValueError(f"--config {str(path)!r}: no such file.")
-    config = yaml.safe_load(path.read_text()) or {}
+def _strip_section(path: Path, tmp: Path) -> tuple[str, dict[str, Any]]:
+    """``path``'s lowprec section, and a config litgpt can read (``path`` without it)."""
+    config = load_yaml(path.read_text()) or {}
     if not isinstance(config, dict) or SECTION not in config:
-        return str(path)
-    section.update(config.pop(SECTION) or {})
+        return str(path), {}
+    section = config.pop(SECTION) or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: the lowprec section must be a mapping, got {section!r}.")
     stripped = tmp / f"{len(list(tmp.iterdir()))}-{path.name}"
     stripped.write_text(yaml.safe_dump(config, sort_keys=False))
-    return str(stripped)
+    return str(stripped), section
 
 
 class _Run:
     """One ``lowprec-litgpt`` run: the parsed configuration and the objects litgpt builds."""
 
     def __init__(self, command: str, options: LowPrecOptions, litgpt_args: list[str]) -> None:
-        from jsonargparse import CLI, capture_parser
-
-        self.command, self.options, self.litgpt_args = command, options, litgpt_args
-        setup = recipe_module(command).setup
-        self.parser = capture_parser(lambda: CLI(setup, args=litgpt_args))
-        self.config = self.parser.parse_args(litgpt_args)  # litgpt's own errors, before training
+        self.command, self.options = command, options
+        self.parser = _parser(command, litgpt_args)
+        config = self.parser.parse_args(litgpt_args)  # litgpt's own errors, before training
+        if options.optimizer is not None:
+            _check_one_optimizer(config.get("optimizer"),
+                                 self.parser.get_defaults().get("optimizer"), options.optimizer)
+            # litgpt prints and saves the optimizer that trains, not its default.
+            litgpt_args = [*litgpt_args, "--optimizer", json.dumps(options.optimizer)]
+            config = self.parser.parse_args(litgpt_args)
+        self.litgpt_args, self.config = litgpt_args, config
         self._check_combinations()
+        self._check_resume()
         self.fabric: RecipeFabric | None = None
         self.tokens = 0
         self.steps = 0
         self.first_step_at: float | None = None
         self.last_step_at: float | None = None
+        self.previous = {"tokens": 0, "train_seconds": 0.0, "sessions": 0}
+        """What earlier sessions of a resumed run did (from the checkpoint's RUN_STATE_KEY)."""
+        self.resumed_steps = 0
 
     def _check_combinations(self) -> None:
+        from litgpt import utils
+
         options, config = self.options, self.config
         if self.command == "finetune_lora" and options.multipliers is not None:
             raise ValueError(
@@ -207,18 +325,73 @@ class _Run:
                 "lowprec-litgpt: a run has one precision plugin. Use lowprec.fmt instead."
             )
         precision = config.get("precision")
-        if precision is not None and precision not in PRECISIONS:
+        if precision is None:
+            default = utils.get_default_supported_precision(training=True)
+            if default not in PRECISIONS:
+                raise ValueError(
+                    f"litgpt's default --precision on this machine is {default!r} (a GPU "
+                    "without bf16), which lowprec-litgpt does not support. Pass --precision "
+                    f"with one of: {', '.join(PRECISIONS)} (32-true on this GPU)."
+                )
+        elif precision not in PRECISIONS:
             raise ValueError(
                 f"--precision {precision!r} is not supported by lowprec-litgpt. Valid values: "
                 f"{', '.join(PRECISIONS)} (use lowprec.fmt for lower-precision matmuls)."
             )
         devices, nodes = config.get("devices", 1), config.get("num_nodes", 1)
-        if str(devices) not in ("1", "auto") or nodes != 1:
+        count = utils.parse_devices(devices)
+        if count != 1 or nodes != 1:
+            found = f" (here: {count} GPUs)" if devices in ("auto", -1) else ""
             raise ValueError(
-                f"lowprec-litgpt runs on one device (got devices={devices!r}, "
-                f"num_nodes={nodes!r}): litgpt switches to FSDP/ModelParallel on more, which "
-                "accept only their own precision plugins."
+                f"lowprec-litgpt runs on one device: got --devices {devices!r}{found}, "
+                f"--num_nodes {nodes!r}. Pass --devices 1 (litgpt switches to FSDP on more, "
+                "which accepts only its own precision plugins; multi-device runs are not "
+                "supported yet)."
             )
+        train = config.get("train")
+        total = _total_steps(config)
+        warmup = train.get("lr_warmup_steps") if train is not None else None
+        if total is not None and warmup is not None and warmup >= total:
+            raise ValueError(
+                f"--train.lr_warmup_steps {warmup} must be smaller than the run's {total} "
+                "optimizer steps: litgpt's cosine schedule decays over the steps after the "
+                "warm-up (and divides by their number). Lower --train.lr_warmup_steps."
+            )
+
+    def _check_resume(self) -> None:
+        """Compare the checkpoint's lowprec section with this run's before anything is built.
+
+        Raises:
+            ValueError: a change the resumed state cannot follow (optimizer class, parameter
+                groups, multipliers). Other changes (format, hyperparameters) warn.
+        """
+        from litgpt.utils import find_resume_path
+
+        resume = self.config.get("resume")
+        if not resume:
+            return
+        try:
+            path = find_resume_path(resume if resume == "auto" or resume is True
+                                    else Path(resume), self.out_dir)
+        except FileNotFoundError:
+            return  # litgpt says so itself
+        recorded = Path(path).parent / OPTIONS_FILE if path else None
+        if recorded is None or not recorded.is_file():
+            if path:
+                warnings.warn(f"Resuming from {path}: it has no {OPTIONS_FILE}, so this run's "
+                              "lowprec section cannot be checked against it.", stacklevel=2)
+            return
+        saved = (load_yaml(recorded.read_text()) or {}).get(SECTION) or {}
+        errors, changes = resume_changes(saved, self.options)
+        if errors:
+            raise ValueError(
+                f"Cannot resume from {path} with a different lowprec section: "
+                + "; ".join(errors)
+                + f". Use the section of {recorded} (e.g. --config {recorded}) or start a new "
+                "--out_dir."
+            )
+        for change in changes:
+            warnings.warn(f"Resuming from {path} with a change: {change}.", stacklevel=2)
 
     @property
     def out_dir(self) -> Path:
@@ -253,16 +426,7 @@ class _Run:
             return _litgpt_instantiate(optimizer, model_parameters, **kwargs)
         if self.fabric is None or self.fabric.model is None:
             raise RuntimeError("lowprec-litgpt: litgpt built the optimizer before the model.")
-        cls = optimizer_class(spec)
-        accepted = constructor_defaults(cls)
-        init_args = {**{k: v for k, v in kwargs.items() if k in accepted},
-                     **(spec.get("init_args") or {})}
-        weight_decay = init_args.get("weight_decay", accepted.get("weight_decay", 0.0))
-        lr = init_args.get("lr", accepted.get("lr"))
-        groups = param_groups(self.fabric.model, weight_decay,
-                              lr=lr if isinstance(lr, (int, float)) else None,
-                              **self.options.param_groups)
-        return cls(groups, **init_args)
+        return build_optimizer(spec, self.fabric.model, self.options.param_groups, **kwargs)
 
     def save_hyperparameters(self, function: Any, checkpoint_dir: Path, *_: Any) -> None:
         """What litgpt's ``save_hyperparameters`` means to write, without reading ``sys.argv``."""
@@ -283,24 +447,64 @@ class _Run:
         self.steps += 1
         self.last_step_at = time.perf_counter()
 
+    def session_seconds(self) -> float:
+        if self.first_step_at is None or self.last_step_at is None:
+            return math.nan
+        return self.last_step_at - self.first_step_at
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's counters over all sessions so far (saved in litgpt's resumable state)."""
+        seconds = self.session_seconds()
+        return {
+            "tokens": self.previous["tokens"] + self.tokens,
+            "train_seconds": self.previous["train_seconds"] + (0.0 if math.isnan(seconds)
+                                                               else seconds),
+            "sessions": self.previous["sessions"] + 1,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], steps: int) -> None:
+        """Continue the counters of a checkpoint that had taken ``steps`` optimizer steps."""
+        self.previous = {"tokens": 0, "train_seconds": 0.0, "sessions": 1, **state}
+        self.resumed_steps = steps
+
     def write_summary(self) -> dict[str, Any]:
-        seconds = (
-            self.last_step_at - self.first_step_at
-            if self.first_step_at is not None and self.last_step_at is not None
-            else math.nan
-        )
-        summary = {
-            "command": self.command,
+        """``lowprec_summary.json``: steps, tokens and seconds over every session of the run
+        (a resumed run includes the sessions before), and this session's alone."""
+        seconds = self.session_seconds()
+        session = {
             "steps": self.steps,
             "tokens": self.tokens,
             "train_seconds": seconds,
             "tokens_per_second": self.tokens / seconds if seconds > 0 else math.nan,
+        }
+        total_seconds = self.previous["train_seconds"] + (0.0 if math.isnan(seconds) else seconds)
+        tokens = self.previous["tokens"] + self.tokens
+        summary = {
+            "command": self.command,
+            "steps": self.resumed_steps + self.steps,
+            "tokens": tokens,
+            "train_seconds": total_seconds if total_seconds > 0 else math.nan,
+            "tokens_per_second": tokens / total_seconds if total_seconds > 0 else math.nan,
+            "sessions": self.previous["sessions"] + 1,
+            "session": session,
             SECTION: self.options.as_mapping(),
         }
         out_dir = self.out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
         return summary
+
+
+def _check_one_optimizer(given: Any, default: Any, spec: dict[str, Any]) -> None:
+    """Refuse a litgpt ``--optimizer`` beside ``lowprec.optimizer`` (one of them would not
+    train); the default, or the same optimizer, is fine."""
+    if given == default or given == spec:
+        return
+    raise ValueError(
+        f"--optimizer {given!r} and lowprec.optimizer {spec!r} both name the optimizer; only "
+        "one can train. Remove --optimizer (lowprec.optimizer is built on named parameter "
+        "groups), or set lowprec.optimizer: null to train litgpt's."
+    )
 
 
 def _litgpt_instantiate(optimizer: Any, model_parameters: Any, **kwargs: Any):
@@ -310,18 +514,44 @@ def _litgpt_instantiate(optimizer: Any, model_parameters: Any, **kwargs: Any):
 
 
 class _ProgressBar:
-    """Fabric callback: a tqdm bar over the optimizer steps (rank 0)."""
+    """Fabric callback: a tqdm bar over the optimizer steps (rank 0); prints go above it."""
 
     def __init__(self, total: int | None) -> None:
         from tqdm.auto import tqdm
 
+        self._tqdm = tqdm
         self._bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=True)
 
     def on_after_optimizer_step(self, strategy: Any, optimizer: Any) -> None:
         self._bar.update(1)
 
+    def resume(self, steps: int) -> None:
+        """Continue from ``steps`` steps done (a resumed run)."""
+        self._bar.n = self._bar.last_print_n = steps
+        self._bar.refresh()
+
+    def write(self, text: str) -> None:
+        self._tqdm.write(text, file=sys.stdout)
+
     def close(self) -> None:
         self._bar.close()
+
+
+class _RecipeNormMonitor(FabricNormMonitor):
+    """FabricNormMonitor on litgpt's x-axis.
+
+    litgpt logs a training iteration's metrics at its micro-batch count ``iter_num``
+    (``finetune_*``) or ``iter_num - 1`` (``pretrain``); optimizer step ``k`` ends iteration
+    ``k · accumulation``. The monitor logs step ``k`` there, so its tags and litgpt's ``loss``
+    share their steps, with gradient accumulation and after a resume too.
+    """
+
+    def __init__(self, accumulation: int, offset: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._accumulation, self._offset = accumulation, offset
+
+    def log_step(self, step: int) -> int:
+        return step * self._accumulation + self._offset
 
 
 class RecipeFabric(L.Fabric):
@@ -333,7 +563,10 @@ class RecipeFabric(L.Fabric):
     counting its tokens, and the callbacks' ``on_after_setup`` fires (Fabric fires it from
     ``setup`` only; LoRA uses ``setup_module``). ``setup_optimizers`` adds clipping before
     each step when ``lowprec.max_norm`` is set and, for ``pretrain``, keeps the groups'
-    learning-rate ratios (:func:`_keep_lr_ratios`).
+    learning-rate ratios (:func:`_keep_lr_ratios`), then prints one line saying what the
+    lowprec section applied. ``save`` adds the run's counters to litgpt's resumable state and
+    ``load`` restores them, the monitor's step and the progress bar. ``print`` writes above the
+    progress bar.
     """
 
     def __init__(
@@ -358,8 +591,13 @@ class RecipeFabric(L.Fabric):
             **PRECISIONS[precision or "bf16-mixed"],
         )
         ours: list[Any] = [FabricMergeMultipliers(), run]
+        self._monitor: _RecipeNormMonitor | None = None
         if options.monitor is not None:
-            ours.append(FabricNormMonitor(**options.monitor))
+            self._monitor = _RecipeNormMonitor(
+                _accumulation(run.config), -1 if run.command == "pretrain" else 0,
+                **options.monitor,
+            )
+            ours.append(self._monitor)
         self._progress = None
         if options.progress_bar:
             self._progress = _ProgressBar(_total_steps(run.config))
@@ -391,7 +629,31 @@ class RecipeFabric(L.Fabric):
                 _clip_before_step(self, optimizer, max_norm)
             if self._run.command == "pretrain":
                 _keep_lr_ratios(optimizer)
+        self.print(applied(self._run, self.model, optimizers))
         return out
+
+    def save(self, path: Any, state: dict[str, Any], filter: Any = None) -> None:
+        if "optimizer" in state and "step_count" in state:  # litgpt's resumable state
+            state = {**state, RUN_STATE_KEY: self._run.state_dict()}
+        super().save(path, state, filter=filter)
+
+    def load(self, path: Any, state: dict[str, Any] | None = None, strict: bool = True,
+             **kwargs: Any) -> dict[str, Any]:
+        remainder = super().load(path, state, strict=strict, **kwargs)
+        if state is not None and "step_count" in state:
+            steps = int(state["step_count"])
+            self._run.load_state_dict(remainder.pop(RUN_STATE_KEY, {}), steps)
+            if self._monitor is not None:
+                self._monitor.load_state_dict({"step": steps})
+            if self._progress is not None:
+                self._progress.resume(steps)
+        return remainder
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        if self._progress is None or self.local_rank != 0 or set(kwargs) - {"sep"}:
+            super().print(*args, **kwargs)
+        else:
+            self._progress.write(kwargs.get("sep", " ").join(str(a) for a in args))
 
     def _prepare(self, module: nn.Module) -> None:
         model = getattr(module, "_orig_mod", module)  # pretrain wraps it in torch.compile
@@ -403,6 +665,42 @@ class RecipeFabric(L.Fabric):
     def close_progress_bar(self) -> None:
         if self._progress is not None:
             self._progress.close()
+
+
+def applied(run: _Run, model: nn.Module | None, optimizers: Sequence[Any]) -> str:
+    """One line: what the lowprec section did to this run (format and layers, optimizer,
+    sampling, multipliers, clipping, monitor)."""
+    options = run.options
+    modules = list(model.named_modules()) if model is not None else []
+    linears = [name for name, m in modules if isinstance(m, nn.Linear)]
+    quantized = [name for name, m in modules if isinstance(m, QuantizedLinear)]
+    if options.fmt is None:
+        parts = [f"no quantization (fmt null; {len(linears)} Linear layers at the run's precision)"]
+    else:
+        passes = "forward and backward" if options.quantize_backward else "forward"
+        kept = sorted(set(linears) - set(quantized))
+        parts = [f"{options.fmt} {passes} matmuls in {len(quantized)} of {len(linears)} Linear "
+                 f"layers (rounding {options.rounding}; kept: {', '.join(kept) or 'none'})"]
+    for optimizer in optimizers:
+        lr = optimizer.defaults.get("lr")
+        source = "lowprec.optimizer, named groups" if options.optimizer else "litgpt's --optimizer"
+        names = [g.get("name") for g in optimizer.param_groups if g.get("name")]
+        groups = f": {', '.join(names)}" if names else ""
+        parts.append(f"optimizer {type(optimizer).__name__} lr {lr} ({source}{groups})")
+        if hasattr(optimizer, "sample_"):
+            parts.append("posterior sampling" if options.sample else "no sampling (point estimate)")
+    if options.multipliers is not None and model is not None:
+        count = sum(1 for p in model.parameters() if is_multiplier(p))
+        parts.append(f"multipliers {options.multipliers} ({count} tensors)")
+    max_norm = options.max_norm
+    if max_norm is None and run.command == "pretrain":
+        max_norm = (run.config.get("train") or {}).get("max_norm")
+    parts.append(f"clipping max_norm {max_norm} (multipliers excluded)" if max_norm is not None
+                 else "no clipping")
+    monitor = options.monitor
+    parts.append("no monitor" if monitor is None else
+                 f"NormMonitor every {monitor.get('every_n_steps', 50)} steps")
+    return "lowprec: " + " | ".join(parts)
 
 
 def _around_step(optimizer: Any, around: Callable[[Any], AbstractContextManager]) -> None:
@@ -461,6 +759,14 @@ def _keep_lr_ratios(optimizer: Any) -> None:
                 group["lr"] = lr
 
     _around_step(optimizer, at_ratios)
+
+
+def _accumulation(config: Any) -> int:
+    """litgpt's gradient-accumulation iterations per optimizer step (one device)."""
+    train = config.get("train")
+    if train is None or not train.get("micro_batch_size") or not train.get("global_batch_size"):
+        return 1
+    return max(1, train.global_batch_size // train.micro_batch_size)
 
 
 def _total_steps(config: Any) -> int | None:
