@@ -8,6 +8,7 @@ posterior sampling, multipliers, clipping, monitoring) must have taken effect.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -22,11 +23,19 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_lowprec.callbacks import FACTORS_KEY
 from lightning_lowprec.litgpt import patch
 from lightning_lowprec.litgpt.checkpoint import make_default
-from lightning_lowprec.litgpt.options import LowPrecOptions
-from lightning_lowprec.litgpt.runner import OPTIONS_FILE, SUMMARY_FILE, main, run, split_args
+from lightning_lowprec.litgpt.options import LowPrecOptions, resume_changes
+from lightning_lowprec.litgpt.recipes import RECIPES_DIR, TINY_LR, tiny_overrides
+from lightning_lowprec.litgpt.runner import (
+    OPTIONS_FILE,
+    SUMMARY_FILE,
+    ConfigError,
+    main,
+    run,
+    split_args,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+RECIPES = [RECIPES_DIR / f"{name}.yaml" for name in sorted(TINY_LR)]
 STEPS = 3
 
 
@@ -38,7 +47,8 @@ def default(tmp_path_factory) -> dict[str, Path]:
 def recipe_args(recipe: Path, default: dict[str, Path], out: Path) -> list[str]:
     """The recipe on the test's default directory, for STEPS optimizer steps."""
     command = recipe.name.split("-")[0]
-    args = ["--config", str(recipe), "--out_dir", str(out), "--train.log_interval", "1",
+    args = ["--config", str(recipe), *tiny_overrides(recipe.stem), "--out_dir", str(out),
+            "--train.log_interval", "1",
             "--eval.interval", "1000", "--eval.max_iters", "1", "--train.lr_warmup_steps", "1",
             "--lowprec.monitor", "{every_n_steps: 1}", "--lowprec.progress_bar", "false"]
     if command == "pretrain":
@@ -53,11 +63,12 @@ def recipe_args(recipe: Path, default: dict[str, Path], out: Path) -> list[str]:
         "--train.max_steps", str(STEPS), "--eval.max_new_tokens", "4"]
 
 
-def scalars(out: Path) -> dict[str, list[float]]:
-    (events,) = (out / "logs" / "tensorboard").rglob("events.out.tfevents.*")
+def scalars(out: Path, value: str = "value") -> dict[str, list[float]]:
+    """Every scalar tag of the run's last TensorBoard session: its values (or ``"step"``s)."""
+    events = sorted((out / "logs" / "tensorboard").rglob("events.out.tfevents.*"))[-1]
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
-    return {tag: [e.value for e in accumulator.Scalars(tag)]
+    return {tag: [getattr(e, value) for e in accumulator.Scalars(tag)]
             for tag in accumulator.Tags()["scalars"]}
 
 
@@ -68,6 +79,9 @@ def test_every_recipe_runs_and_writes_a_plain_litgpt_checkpoint(recipe, default,
     out = tmp_path / "out"
     command = recipe.name.split("-")[0]
     section = yaml.safe_load(recipe.read_text())["lowprec"]
+    section["optimizer"]["init_args"]["lr"] = TINY_LR[recipe.stem]  # tiny_overrides
+    if command == "pretrain":
+        section["compile"] = False
     summary = run(command, recipe_args(recipe, default, out))
 
     assert summary["steps"] == STEPS and summary["tokens"] > 0
@@ -94,6 +108,7 @@ def test_every_recipe_runs_and_writes_a_plain_litgpt_checkpoint(recipe, default,
     if command != "pretrain":  # the positional checkpoint beats the recipe's checkpoint_dir
         assert Path(hparams["checkpoint_dir"]) == default["checkpoint"]
     assert hparams["train"]["log_interval"] == 1
+    assert hparams["optimizer"] == section["optimizer"]  # the optimizer that trained
     recorded = yaml.safe_load((final / OPTIONS_FILE).read_text())["lowprec"]
     assert LowPrecOptions.from_mapping(recorded) == LowPrecOptions.from_mapping(
         {**section, "monitor": {"every_n_steps": 1}, "progress_bar": False}
@@ -127,7 +142,7 @@ def test_litgpt_generate_runs_on_the_output(pretrained):
     assert "Return the" in result.stdout
 
 
-def test_resume_reads_the_merged_checkpoint_back_exactly(pretrained):
+def test_the_merged_checkpoint_unmerges_into_trained_multipliers(pretrained):
     """The multiplier factors rebuild the raw weights: un-merging gives finite multipliers."""
     from lightning_lowprec.callbacks import unmerge_checkpoint
 
@@ -135,6 +150,73 @@ def test_resume_reads_the_merged_checkpoint_back_exactly(pretrained):
     multipliers = [v for k, v in checkpoint["model"].items() if k.endswith("_multiplier")]
     assert multipliers and all(torch.isfinite(m).all() for m in multipliers)
     assert any(not torch.equal(m, torch.ones_like(m)) for m in multipliers)  # they trained
+
+
+def test_pretrain_monitor_steps_are_litgpts(pretrained):
+    """pretrain logs an iteration's loss at iter_num - 1: the monitor's step k goes there."""
+    steps = scalars(pretrained.parent, "step")
+    assert steps["norm/weight/global"] == steps["loss"] == list(range(STEPS))
+
+
+RESUMED = {
+    # finetune_full with 2 micro-batches per step: litgpt logs every iteration, the monitor
+    # every step, at the iteration that ends it.
+    "finetune_full-lmd-mxfp6": (["--train.micro_batch_size", "4", "--train.max_steps", "4"],
+                                [6, 8]),
+    # pretrain (multipliers merged into the checkpoint): loss at iter_num - 1.
+    "pretrain-lmd-mxfp4-multipliers": (["--train.max_tokens", str(4 * 8 * 128)], [2, 3]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RESUMED)
+def test_resume_continues_bit_exactly_with_the_counters(recipe, default, tmp_path, capsys):
+    """4 steps in one go, and 2 + --resume 2 from the step-2 checkpoint: the same weights,
+    the monitor continues at litgpt's steps, the bar at 2/4, the summary counts both."""
+    command = recipe.split("-")[0]
+    extra, resumed_monitor_steps = RESUMED[recipe]
+    args = recipe_args(RECIPES_DIR / f"{recipe}.yaml", default, tmp_path / "whole")
+    args = [*args, *extra, "--train.save_interval", "2"]
+    run(command, args)
+    whole = tmp_path / "whole"
+    (first,) = sorted(whole.glob("step-*2"))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    args = [a if a != str(whole) else str(resumed) for a in args]
+    capsys.readouterr()
+    summary = run(command, [*args, "--resume", str(first / "lit_model.pth"),
+                            "--lowprec.progress_bar", "true"])
+
+    final = {d: torch.load(d / "final" / "lit_model.pth", weights_only=False)
+             for d in (whole, resumed)}
+    assert final[whole]["model"].keys() == final[resumed]["model"].keys()
+    assert all(torch.equal(final[whole]["model"][k], final[resumed]["model"][k])
+               for k in final[whole]["model"])
+    steps = scalars(resumed, "step")
+    assert steps["norm/weight/global"] == resumed_monitor_steps
+    assert set(steps["norm/weight/global"]) <= set(steps["loss"])
+    assert summary["steps"] == 4 and summary["sessions"] == 2
+    assert summary["session"]["steps"] == 2 and summary["tokens"] > summary["session"]["tokens"]
+    assert "4/4" in capsys.readouterr().err and json.loads(
+        (resumed / SUMMARY_FILE).read_text())["steps"] == 4
+
+
+def test_resume_refuses_another_optimizer_and_warns_on_another_format(default, tmp_path):
+    out = tmp_path / "out"
+    step = out / "step-000002"
+    step.mkdir(parents=True)
+    (step / "lit_model.pth").write_bytes(b"")
+    lmd = yaml.safe_load((RECIPES_DIR / "finetune_full-lmd-mxfp6.yaml").read_text())["lowprec"]
+    (step / OPTIONS_FILE).write_text(yaml.safe_dump({"lowprec": lmd}))
+    args = [str(default["checkpoint"]), "--config", "finetune_full-adamw", "--out_dir", str(out),
+            "--resume", "true"]
+    with pytest.raises(ConfigError, match=r"Cannot resume .*lowprec.optimizer: .*LMD"):
+        run("finetune_full", args)
+
+    errors, changes = resume_changes(lmd, LowPrecOptions.from_mapping({**lmd, "fmt": None}))
+    assert errors == [] and changes == ["lowprec.fmt: 'mxfp6_e2m3' in the checkpoint, null now"]
+    errors, _ = resume_changes(lmd, LowPrecOptions.from_mapping({**lmd, "multipliers": "paper"}))
+    assert errors == ["lowprec.multipliers: null in the checkpoint, 'paper' now"]
 
 
 def test_clipping_bounds_the_update_in_fine_tuning(default, tmp_path):
@@ -259,6 +341,25 @@ BAD_INPUT = [
     ("pretrain", ["--lowprec.max_norm", "1.0"], "pretrain clips gradients itself"),
     ("finetune_full", ["--lowprec", "{}"], "--lowprec.KEY VALUE"),
     ("finetune_full", ["--lowprec.fmt"], "--lowprec.fmt needs a value"),
+    # Values, not only names: the optimizer is built on a dummy model first.
+    ("finetune_full", ["--lowprec.optimizer", "{class_path: torch.optim.AdamW, init_args: "
+                       "{lr: -1}}"], r"init_args.lr: -1. Valid values: a number > 0"),
+    ("finetune_full", ["--lowprec.optimizer", "{class_path: lightning_lowprec.LMD, init_args: "
+                       "{sigma: 2}}"], r"Invalid sigma: 2; expected a finite number in \[0.0, 1"),
+    ("finetune_full", ["--lowprec.monitor", "{every_n_steps: 0}"],
+     "every_n_steps must be a positive int"),
+    # One optimizer trains, and the saved config must name it.
+    ("finetune_full", ["--lowprec.optimizer", "{class_path: torch.optim.AdamW}",
+                       "--optimizer", "SGD"], "both name the optimizer"),
+    ("finetune_full", ["--lowprec.param_groups", "{multiplier_lr_ratio: 2}"],
+     "param_groups .* needs lowprec.optimizer"),
+    ("finetune_full", ["--train.max_steps", "10", "--train.lr_warmup_steps", "10"],
+     "--train.lr_warmup_steps 10 must be smaller than the run's 10 optimizer steps"),
+    ("pretrain", ["--train.max_tokens", "4096", "--train.micro_batch_size", "4",
+                  "--train.global_batch_size", "4", "--train.max_seq_length", "256",
+                  "--train.lr_warmup_steps", "8"], "smaller than the run's 4 optimizer steps"),
+    ("finetune_full", ["--config", "no-such-recipe"], "not a shipped recipe. Shipped recipes: "
+                                                      "finetune_full-adamw"),
 ]
 
 
@@ -271,9 +372,89 @@ def test_bad_input_fails_before_training_with_the_valid_choices(command, extra, 
     assert not out.exists()  # nothing started
 
 
+def test_devices_auto_is_resolved_as_litgpt_does(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"--devices 'auto' \(here: 2 GPUs\).*--devices 1"):
+        run("pretrain", ["pythia-14m", "--devices", "auto", "--out_dir", str(tmp_path)])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # CPU: auto is one device
+    with pytest.raises(ConfigError, match="pretrain clips gradients itself"):
+        run("pretrain", ["pythia-14m", "--devices", "auto", "--lowprec.max_norm", "1"])
+
+
+def test_litgpts_16_mixed_default_is_a_clear_error(monkeypatch):
+    import litgpt.utils
+
+    monkeypatch.setattr(litgpt.utils, "get_default_supported_precision", lambda **_: "16-mixed")
+    with pytest.raises(ConfigError, match=r"default --precision on this machine is '16-mixed'"):
+        run("finetune_full", ["some/checkpoint"])
+
+
+def test_split_args_reads_values_as_litgpt_and_merges_nested_keys(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lowprec:\n  optimizer:\n    class_path: torch.optim.AdamW\n"
+                      "    init_args: {lr: 2e-5, weight_decay: 0.1}\n")
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text("lowprec:\n  optimizer: {init_args: {weight_decay: 0.0}}\n")
+    (tmp_path / "tmp").mkdir()
+    _, section = split_args(["--config", str(recipe), "--config", str(tiny),
+                             "--lowprec.optimizer.init_args.betas", "[0.9, 0.95]",
+                             "--lowprec.fmt", "null"], tmp_path / "tmp")
+    assert section == {"fmt": None, "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {
+        "lr": 2e-5, "weight_decay": 0.0, "betas": [0.9, 0.95]}}}
+    LowPrecOptions.from_mapping(section)  # a float lr, so it validates
+    _, section = split_args(["--config", str(recipe), "--lowprec.optimizer.class_path",
+                             "lightning_lowprec.LMD"], tmp_path / "tmp")
+    assert section == {"optimizer": {"class_path": "lightning_lowprec.LMD"}}  # AdamW's args go
+
+
+def test_a_config_error_prints_one_message_and_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune_full", "ckpt", "--lowprec.fmt", "mxfp5"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowprec-litgpt: error: Invalid lowprec.fmt: 'mxfp5'")
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_help_is_plain_text_and_print_config_shows_the_section(capsys):
+    main(["--help"])
+    ours = capsys.readouterr().out
+    main(["finetune_full", "--help"])
+    litgpts, ours_too = capsys.readouterr().out.split("The lowprec section")
+    assert "--train.max_steps" in litgpts and ours_too in ours
+    assert "--lowprec.KEY VALUE" in ours and "quantize_backward" in ours
+    assert "``" not in ours and ":class:" not in ours and ":data:" not in ours
+    main(["finetune_full", "ckpt", "--config", "finetune_full-lmd-mxfp6", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["lowprec"]["fmt"] == "mxfp6_e2m3"
+    assert printed["optimizer"]["class_path"] == "lightning_lowprec.LMD"
+    assert printed["checkpoint_dir"] == "ckpt"
+
+
+def test_recipes_are_listed_printed_and_run_by_name(capsys, tmp_path):
+    main(["recipes"])
+    listing = capsys.readouterr().out
+    assert all(path.stem in listing for path in RECIPES)
+    main(["recipes", "finetune_full-lmd-mxfp6"])
+    assert capsys.readouterr().out == (RECIPES_DIR / "finetune_full-lmd-mxfp6.yaml").read_text()
+    (tmp_path / "tmp").mkdir()
+    args, section = split_args(["--config", "finetune_full-lmd-mxfp6"], tmp_path / "tmp")
+    assert section["fmt"] == "mxfp6_e2m3" and args[0] == "--config"
+
+
+def test_the_recipes_are_package_data():
+    import tomllib
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["lightning_lowprec"]
+    package = REPO / "lightning_lowprec"
+    shipped = {p for pattern in patterns for p in package.glob(pattern)}
+    assert set(RECIPES) <= shipped and RECIPES_DIR.parent == package
+
+
 def test_unknown_command_lists_the_supported_ones():
     supported = "lowprec-litgpt runs: finetune_full, finetune_lora, pretrain"
     with pytest.raises(ValueError, match=supported):
         run("finetune_adapter", [])
-    with pytest.raises(SystemExit, match="Unknown command 'chat'"):
+    with pytest.raises(SystemExit, match="2"):
         main(["chat"])

@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     try:
         if command == "recipes":
-            print(_recipes(args))
+            print(_recipes(args), end="" if args else "\n")
             return
         if command not in COMMANDS:
             raise ConfigError(f"Unknown command {command!r}.\n{_USAGE}")
