@@ -170,9 +170,18 @@ RESUMED = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RESUMED)
-def test_resume_continues_bit_exactly_with_the_counters(recipe, default, tmp_path, capsys):
+def test_resume_continues_bit_exactly_with_the_counters(
+    recipe, default, tmp_path, capsys, monkeypatch
+):
     """4 steps in one go, and 2 + --resume 2 from the step-2 checkpoint: the same weights,
-    the monitor continues at litgpt's steps, the bar at 2/4, the summary counts both."""
+    the monitor continues at litgpt's steps, the bar at 2/4, the summary counts both; litgpt's
+    prints and the line of what lowprec applied go above the bar."""
+    import tqdm.std
+
+    written: list[str] = []
+    write = tqdm.std.tqdm.write
+    monkeypatch.setattr(tqdm.std.tqdm, "write", classmethod(
+        lambda cls, text, **kwargs: (written.append(text), write(text, **kwargs))))
     command = recipe.split("-")[0]
     extra, resumed_monitor_steps = RESUMED[recipe]
     args = recipe_args(RECIPES_DIR / f"{recipe}.yaml", default, tmp_path / "whole")
@@ -197,6 +206,9 @@ def test_resume_continues_bit_exactly_with_the_counters(recipe, default, tmp_pat
     assert set(steps["norm/weight/global"]) <= set(steps["loss"])
     assert summary["steps"] == 4 and summary["sessions"] == 2
     assert summary["session"]["steps"] == 2 and summary["tokens"] > summary["session"]["tokens"]
+    assert any(line.startswith("Epoch 1 | iter") for line in written)
+    assert any(line.startswith("lowprec: mxfp") and "optimizer LMD lr" in line
+               and "posterior sampling" in line for line in written)
     assert "4/4" in capsys.readouterr().err and json.loads(
         (resumed / SUMMARY_FILE).read_text())["steps"] == 4
 
@@ -355,6 +367,7 @@ BAD_INPUT = [
      "param_groups .* needs lowprec.optimizer"),
     ("finetune_full", ["--train.max_steps", "10", "--train.lr_warmup_steps", "10"],
      "--train.lr_warmup_steps 10 must be smaller than the run's 10 optimizer steps"),
+    ("finetune_lora", ["--train.lr_warmup_steps", "0"], "lr_warmup_steps 0 must be >= 1"),
     ("pretrain", ["--train.max_tokens", "4096", "--train.micro_batch_size", "4",
                   "--train.global_batch_size", "4", "--train.max_seq_length", "256",
                   "--train.lr_warmup_steps", "8"], "smaller than the run's 4 optimizer steps"),

@@ -351,6 +351,11 @@ class _Run:
         train = config.get("train")
         total = _total_steps(config)
         warmup = train.get("lr_warmup_steps") if train is not None else None
+        if self.command != "pretrain" and warmup is not None and warmup < 1:
+            raise ValueError(
+                f"--train.lr_warmup_steps {warmup} must be >= 1: litgpt's fine-tuning warm-up "
+                "divides by it."
+            )
         if total is not None and warmup is not None and warmup >= total:
             raise ValueError(
                 f"--train.lr_warmup_steps {warmup} must be smaller than the run's {total} "
