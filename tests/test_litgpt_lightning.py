@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_lowprec import LMD, LowPrecisionPlugin, QuantizedLinear
 from lightning_lowprec.callbacks import MergeMultipliers, NormMonitor
 from lightning_lowprec.litgpt.checkpoint import make_default
-from lightning_lowprec.multipliers import add_multipliers
+from lightning_lowprec.multipliers import add_multipliers, merge_multipliers
 from lightning_lowprec.optim import param_groups
 
 STEPS = 3
@@ -104,6 +104,12 @@ def test_llm_in_a_lightning_module_trains_with_lmd_mxfp6_and_multipliers(default
     plain = GPT(Config.from_file(default["checkpoint"] / "model_config.yaml"))
     plain.load_state_dict(weights, strict=True)  # merged: litgpt's own GPT loads it
     assert any(not torch.equal(before[k], weights[k]) for k in before if k in weights)
+
+    merge_multipliers(gpt)  # a litgpt checkpoint directory, for litgpt generate / chat
+    module.llm.save(tmp_path / "final")
+    saved = torch.load(tmp_path / "final" / "lit_model.pth", weights_only=False)
+    GPT(Config.from_file(tmp_path / "final" / "model_config.yaml")).load_state_dict(saved)
+    assert all(torch.equal(saved[k], weights[k]) for k in weights)
 
     (metrics,) = Path(fit.logger.log_dir).glob("metrics.csv")
     header = next(csv.reader(metrics.open()))

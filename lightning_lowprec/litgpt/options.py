@@ -60,7 +60,9 @@ class LowPrecOptions:
 
     Attributes:
         fmt: format of the quantized forward matmuls (a name from
-            :data:`lightning_lowprec.FORMATS`), or ``None`` for none.
+            :data:`lightning_lowprec.FORMATS`), or ``None`` for none. With ``finetune_lora``
+            only the frozen base layers are quantized (the ``nn.Linear`` inside litgpt's LoRA
+            layers); the adapters' ``x @ A^T @ B^T`` runs at the run's precision.
         include: module-name patterns of the Linear layers to quantize (``None``: all).
         exclude: module-name patterns kept in full precision (default: the LM head).
         rounding: ``"even"``, ``"nearest"`` or ``"stochastic"``.
