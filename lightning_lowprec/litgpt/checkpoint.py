@@ -6,8 +6,8 @@ a download, so :func:`make_checkpoint` builds it: a byte-level BPE trained (in a
 on the standard library's docstrings, and a freshly initialised ``litgpt.GPT`` from a named
 config with the vocabulary swapped for the tokenizer's. :func:`write_instruction_data` writes a
 matching toy instruction set in LitGPT's JSON format (``--data JSON --data.json_path ...``).
-:func:`make_default` lays out all of it where the recipes in ``recipes/`` look by default
-(``lowprec-litgpt make_default``).
+:func:`make_default` lays out all of it where the ``tiny-finetune`` / ``tiny-pretrain``
+recipe overrides look (``lowprec-litgpt make_default``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ __all__ = [
 ]
 
 DEFAULT_DIR = Path("lowprec-default")
-"""Where :func:`make_default` writes, relative to the working directory (the recipes' paths)."""
+"""Where :func:`make_default` writes, relative to the working directory (the ``tiny-*``
+overrides' paths)."""
 VAL_EVERY = 10
 """Every 10th example (instruction or docstring) goes to the validation split."""
 
@@ -124,13 +125,14 @@ def write_instruction_data(path: str | Path, examples: int = 256) -> Path:
 
 
 def make_default(directory: str | Path = DEFAULT_DIR) -> dict[str, Path]:
-    """The built-in default the recipes run on, made from the standard library's docstrings.
+    """The built-in default the ``tiny-*`` overrides run on, made from the standard library's
+    docstrings.
 
     Writes (once; an existing complete directory is reused):
 
     * ``checkpoint/``: a random-init pythia-14m-architecture GPT with a 4096-token BPE
-      (:func:`make_checkpoint`), the ``checkpoint_dir`` of the fine-tuning recipes and the
-      ``tokenizer_dir`` of ``pretrain``;
+      (:func:`make_checkpoint`), the ``checkpoint_dir`` of ``tiny-finetune`` and the
+      ``tokenizer_dir`` of ``tiny-pretrain``;
     * ``instructions/train.json``, ``instructions/val.json``: "describe X" -> X's doc
       (``--data JSON --data.json_path DIR/instructions``), every 10th example for validation;
     * ``text/train/docstrings.txt``, ``text/val/docstrings.txt``: the docstrings as plain text
