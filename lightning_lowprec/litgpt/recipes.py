@@ -15,6 +15,7 @@ and edit).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 __all__ = [
@@ -67,8 +68,12 @@ def recipe_path(name_or_path: str | Path) -> Path:
 
 
 def recipe_summary(name: str) -> str:
-    """The first comment line of a shipped recipe: what it is."""
+    """The first sentence of a shipped recipe's leading comment: what it is."""
+    lines = []
     for line in recipe_path(name).read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+        text = line.lstrip("#").strip()
+        if not line.startswith("#") or not text:
+            break
+        lines.append(text)
+    summary = " ".join(lines)
+    return re.split(r"(?<=[.:])\s", summary, maxsplit=1)[0].rstrip(".:")

@@ -43,6 +43,7 @@ import math
 import re
 import sys
 import tempfile
+import textwrap
 import time
 import types
 import warnings
@@ -185,11 +186,18 @@ def configured(command: str, args: Sequence[str]) -> Iterator[_Run | None]:
 
 
 def lowprec_help() -> str:
-    """The lowprec section's keys, as plain text (the options' docstring without markup)."""
+    """The lowprec section's keys, as plain text (the options' docstring without markup, the
+    named constants spelled out)."""
+    from lightning_lowprec.formats import FORMATS
+    from lightning_lowprec.litgpt.options import GROUP_KEYS, MONITOR_KEYS
+    from lightning_lowprec.multipliers import PLACEMENTS
+
     doc = LowPrecOptions.__doc__ or ""
-    return "The lowprec section (--lowprec.KEY VALUE, nested keys too):\n" + _plain(
-        doc[doc.index("Attributes:") + len("Attributes:"):]
-    )
+    text = _plain(textwrap.dedent(doc[doc.index("Attributes:") + len("Attributes:"):]))
+    for name, values in (("FORMATS", FORMATS), ("PLACEMENTS", PLACEMENTS),
+                         ("GROUP_KEYS", GROUP_KEYS), ("MONITOR_KEYS", MONITOR_KEYS)):
+        text = re.sub(rf"\b{name}\b", ", ".join(values), text)
+    return "The lowprec section (--lowprec.KEY VALUE, nested keys too):\n" + text.rstrip()
 
 
 def _plain(text: str) -> str:
