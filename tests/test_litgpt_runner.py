@@ -455,6 +455,23 @@ def test_recipes_are_listed_printed_and_run_by_name(capsys, tmp_path):
     assert section["fmt"] == "mxfp6_e2m3" and args[0] == "--config"
 
 
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_the_recipes_are_set_up_for_real_models(recipe, capsys):
+    """Parsed by litgpt's own parser as they ship (no tiny override): GPU precision, long
+    sequences, intermediate checkpoints, and no smoke-run step limit."""
+    command = recipe.stem.split("-")[0]
+    positional = [] if command == "pretrain" else ["checkpoints/EleutherAI/pythia-1b"]
+    main([command, *positional, "--config", recipe.stem, "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["precision"] in ("bf16-mixed", "bf16-true")
+    assert config["train"]["max_seq_length"] >= 512 and config["train"]["save_interval"] <= 500
+    assert config["train"]["max_steps"] is None
+    assert config["optimizer"] == config["lowprec"]["optimizer"]
+    if "mplusadam-bf16" in recipe.stem:  # "no FP32 master" needs bf16 tensors
+        assert config["precision"] == "bf16-true"
+        assert config["lowprec"]["optimizer"]["init_args"]["rounding"] == "stochastic"
+
+
 def test_the_recipes_are_package_data():
     import tomllib
 
