@@ -450,6 +450,9 @@ def test_recipes_are_listed_printed_and_run_by_name(capsys, tmp_path):
     assert all(path.stem in listing for path in RECIPES)
     main(["recipes", "finetune_full-lmd-mxfp6"])
     assert capsys.readouterr().out == (RECIPES_DIR / "finetune_full-lmd-mxfp6.yaml").read_text()
+    with pytest.raises(SystemExit, match="2"):
+        main(["recipes", "finetune_full-lmd-mxfp7"])
+    assert "Shipped recipes: finetune_full-adamw" in capsys.readouterr().err
     (tmp_path / "tmp").mkdir()
     args, section = split_args(["--config", "finetune_full-lmd-mxfp6"], tmp_path / "tmp")
     assert section["fmt"] == "mxfp6_e2m3" and args[0] == "--config"

@@ -207,8 +207,12 @@ def _plain(text: str) -> str:
 
 
 def _recipes(args: Sequence[str]) -> str:
+    """``lowprec-litgpt recipes [NAME]``: the list of shipped recipes, or one recipe's text."""
     if args:
-        return recipe_path(args[0]).read_text()
+        try:
+            return recipe_path(args[0]).read_text()
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
     width = max(len(name) for name in recipe_names())
     lines = [f"{name:<{width}}  {recipe_summary(name)}" for name in recipe_names()]
     return "\n".join([*lines, "", "lowprec-litgpt recipes NAME prints one; "
