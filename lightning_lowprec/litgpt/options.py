@@ -67,10 +67,12 @@ class LowPrecOptions:
         exclude: module-name patterns kept in full precision (default: the LM head).
         rounding: ``"even"``, ``"nearest"`` or ``"stochastic"``.
         quantize_backward: quantize the backward matmuls too.
-        optimizer: ``{"class_path": ..., "init_args": {...}}``; when given, it replaces
-            litgpt's ``--optimizer`` and is built on :func:`~lightning_lowprec.optim.param_groups`
-            (norms and biases without weight decay, multipliers with their own). ``None``:
-            litgpt's optimizer, built by litgpt on the flat parameter list.
+        optimizer: ``{"class_path": ..., "init_args": {...}}``; when given, it becomes
+            litgpt's ``--optimizer`` (what litgpt prints and saves; a different
+            ``--optimizer`` is refused) and is built on
+            :func:`~lightning_lowprec.optim.param_groups` (norms and biases without weight
+            decay, multipliers with their own). ``None``: litgpt's optimizer, built by litgpt
+            on the flat parameter list.
         param_groups: extra arguments of ``param_groups`` (keys :data:`GROUP_KEYS`); needs
             ``optimizer`` (litgpt builds its own on one flat parameter list).
         sample: with a posterior optimizer (LMD), train at posterior samples (the method) or
