@@ -286,3 +286,22 @@ def test_unaligned_shapes_are_padded_exactly():
     layer = QuantizedLinear(21, 5, bias=False, fmt="fp8_e4m3", backend="scaled_mm")
     qx, qw = quantize(x, "fp8_e4m3"), quantize(layer.weight.detach(), "fp8_e4m3")
     within(layer(x).detach(), qx @ qw.T, bound(qx, qw, torch.float32))
+
+
+def test_straight_through_backward_keeps_float8_operands_only():
+    """The backward of the default (straight-through) scaled_mm layer needs the quantized
+    operands; it keeps them as float8 (1 byte per element), not in the working dtype."""
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    layer = QuantizedLinear(64, 32, fmt="fp8_e4m3", backend="scaled_mm")
+    x = torch.randn(8, 64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    big = [(dtype, n) for dtype, n in saved if n > 1]
+    assert sorted(big, key=str) == sorted(
+        [(torch.float8_e4m3fn, 8 * 64), (torch.float8_e4m3fn, 32 * 64)], key=str
+    )
