@@ -25,7 +25,8 @@ more into fp32 and the working dtype, and the accumulation order differs).
 
 Operands whose reduction or output length is not a multiple of the kernels' alignment (16;
 32 for MX) are padded with zeros along it: zeros change neither a scale nor a sum, and MX's
-last short block is exactly the zero-padded block of the emulation.
+last short block is exactly the zero-padded block of the emulation. (On ``meta`` tensors torch
+checks these layouts as on CUDA; the tests use that to check the MX calls without a GPU.)
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from lightning_lowprec import LowPrecision, LowPrecisionPlugin, QuantizedLinear,
 from lightning_lowprec.formats import parse
 from lightning_lowprec.nn import quantize_linears
 from lightning_lowprec.quantize import _TENSOR_AMAX_FLOOR
-from lightning_lowprec.scaled_mm import _swizzle, quantize_operand, use_scaled_mm
+from lightning_lowprec.scaled_mm import _swizzle, quantize_operand, scaled_mm_linear, use_scaled_mm
 
 TENSORWISE = ["fp8_e4m3", "fp8_e5m2"]
 BLOCKWISE = ["mxfp8_e4m3", "mxfp8_e5m2"]
@@ -305,3 +305,20 @@ def test_straight_through_backward_keeps_float8_operands_only():
     assert sorted(big, key=str) == sorted(
         [(torch.float8_e4m3fn, 8 * 64), (torch.float8_e4m3fn, 32 * 64)], key=str
     )
+
+
+@pytest.mark.parametrize("fmt", TENSORWISE + BLOCKWISE)
+@pytest.mark.parametrize("quantize_backward", [False, True])
+@pytest.mark.parametrize(("tokens", "d_in", "d_out"), [(6, 40, 24), (130, 96, 33), (64, 256, 128)])
+def test_float8_matmuls_meet_the_cuda_kernels_layout_rules(fmt, quantize_backward, tokens, d_in,
+                                                           d_out):
+    """On meta tensors torch checks a scaled matmul as it would on CUDA (row-major A, column-
+    major B, K and N multiples of 16, MX scale counts, dtypes and swizzle), so the three
+    matmuls of a layer, unaligned shapes included, are checked here without a GPU."""
+    f = parse(fmt)
+    x = torch.randn(tokens, d_in, device="meta", requires_grad=True)
+    weight = torch.randn(d_out, d_in, device="meta", requires_grad=True)
+    y = scaled_mm_linear(x, weight, None, f, f, f if quantize_backward else None, "even")
+    assert y.shape == (tokens, d_out) and y.dtype == torch.float32
+    dx, dw = torch.autograd.grad(y, (x, weight), torch.ones_like(y))
+    assert dx.shape == x.shape and dw.shape == weight.shape
