@@ -128,6 +128,8 @@ def scaled_mm_linear(
 
 
 class _ScaledMMLinear(torch.autograd.Function):
+    """``Q_a(x) @ Q_w(W).T`` on float8 kernels, with the backward of :func:`scaled_mm_linear`."""
+
     @staticmethod
     def forward(ctx, x, weight, w_fmt, a_fmt, g_fmt, rounding):
         tokens = x.reshape(-1, x.shape[-1])
