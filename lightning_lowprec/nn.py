@@ -1,10 +1,12 @@
-"""Linear layers whose matmuls run on MX/FP8-quantized operands (emulated).
+"""Linear layers whose matmuls run on MX/FP8-quantized operands.
 
 :class:`QuantizedLinear` is an ``nn.Linear`` whose forward multiplies fake-quantized operands:
 the input and the weight are rounded onto a format's grid with MX blocks running along
 ``in_features``, the reduction axis of the matmul, as MX hardware would see them. The matmul
 itself runs in the working dtype, which is exact for the quantized values up to the
-accumulation order.
+accumulation order. With ``backend="scaled_mm"`` (or ``"auto"`` on a GPU that has the
+kernels) the same quantized operands are float8 tensors multiplied on FP8 tensor cores; see
+:mod:`lightning_lowprec.scaled_mm`.
 
 :func:`quantize_linears` turns the ``nn.Linear`` layers of any model into ``QuantizedLinear``
 in place, keeping every Parameter object, so an optimizer built beforehand still trains the
@@ -25,6 +27,7 @@ from torch.nn.utils import parametrize
 
 from lightning_lowprec.formats import Format, parse
 from lightning_lowprec.quantize import ROUNDING_MODES, Rounding, quantize, quantize_ste
+from lightning_lowprec.scaled_mm import Backend, check_backend, scaled_mm_linear, use_scaled_mm
 
 __all__ = ["QuantizedLinear", "quantize_linears"]
 
@@ -67,10 +70,17 @@ class QuantizedLinear(nn.Linear):
         quantize_backward: quantize the backward matmuls too (see above).
         rounding: ``"even"``, ``"nearest"`` or ``"stochastic"``; see
             :func:`lightning_lowprec.quantize`.
+        backend: ``"emulated"`` (fake quantization, matmuls in the working dtype: any format,
+            any device), ``"scaled_mm"`` (the same quantized operands as float8 tensors on FP8
+            kernels, :mod:`lightning_lowprec.scaled_mm`: per-tensor FP8 on CUDA 8.9+ or CPU,
+            MXFP8 on CUDA 10.x; equal to the emulation up to fp32/working-dtype rounding) or
+            ``"auto"`` (default: ``scaled_mm`` where the input's CUDA device has kernels for
+            the formats, else emulated; CPU stays emulated).
 
     Raises:
-        ValueError: an unknown format or rounding mode, a missing format, or ``g_fmt`` without
-            ``quantize_backward=True``.
+        ValueError: an unknown format, rounding mode or backend, a missing format, ``g_fmt``
+            without ``quantize_backward=True``, or ``backend="scaled_mm"`` with a format it
+            cannot run; at the forward, ``backend="scaled_mm"`` on a device without kernels.
     """
 
     w_fmt: Format
@@ -78,6 +88,7 @@ class QuantizedLinear(nn.Linear):
     g_fmt: Format | None
     quantize_backward: bool
     rounding: Rounding
+    backend: Backend
 
     def __init__(
         self,
@@ -93,12 +104,15 @@ class QuantizedLinear(nn.Linear):
         g_fmt: str | Format | None = None,
         quantize_backward: bool = False,
         rounding: Rounding = "even",
+        backend: Backend = "auto",
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
+        formats = _resolve_formats(fmt, w_fmt, a_fmt, g_fmt, quantize_backward)
         self._configure(
-            *_resolve_formats(fmt, w_fmt, a_fmt, g_fmt, quantize_backward),
+            *formats,
             quantize_backward,
             _check_rounding(rounding),
+            check_backend(backend, *formats),
         )
 
     def _configure(
@@ -108,11 +122,13 @@ class QuantizedLinear(nn.Linear):
         g_fmt: Format | None,
         quantize_backward: bool,
         rounding: Rounding,
+        backend: Backend,
     ) -> None:
         """Set the quantization settings (already validated); used on re-classed layers too."""
         self.w_fmt, self.a_fmt, self.g_fmt = w_fmt, a_fmt, g_fmt
         self.quantize_backward = quantize_backward
         self.rounding = rounding
+        self.backend = backend
 
     def forward(self, input: Tensor) -> Tensor:
         x, weight, bias = input, self.weight, self.bias
@@ -128,6 +144,10 @@ class QuantizedLinear(nn.Linear):
             return self._quantized_linear(x, weight, bias)
 
     def _quantized_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if use_scaled_mm(self.backend, x.device, self.w_fmt, self.a_fmt, self.g_fmt):
+            return scaled_mm_linear(
+                x, weight, bias, self.w_fmt, self.a_fmt, self.g_fmt, self.rounding
+            )
         if self.quantize_backward:
             return _QuantizedLinearFunction.apply(
                 x, weight, bias, self.w_fmt, self.a_fmt, self.g_fmt, self.rounding
@@ -147,6 +167,8 @@ class QuantizedLinear(nn.Linear):
         extra = f", quantize_backward={self.quantize_backward}"
         if self.rounding != "even":
             extra += f", rounding={self.rounding}"
+        if self.backend != "auto":
+            extra += f", backend={self.backend}"
         return f"{super().extra_repr()}, {shown}{extra}"
 
 
@@ -193,6 +215,7 @@ def quantize_linears(
     exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE,
     quantize_backward: bool = False,
     rounding: Rounding = "even",
+    backend: Backend = "auto",
 ) -> list[str]:
     """Turn the selected ``nn.Linear`` layers of ``model`` into :class:`QuantizedLinear`, in place.
 
@@ -217,7 +240,8 @@ def quantize_linears(
 
     Args:
         model: any ``nn.Module``.
-        fmt, w_fmt, a_fmt, g_fmt, quantize_backward, rounding: as for :class:`QuantizedLinear`.
+        fmt, w_fmt, a_fmt, g_fmt, quantize_backward, rounding, backend: as for
+            :class:`QuantizedLinear`.
         include: patterns of the layers to quantize; ``None`` selects every Linear.
         exclude: patterns of the layers to leave alone; applied after ``include``. The default
             leaves a language model's head (``lm_head``) in full precision.
@@ -235,6 +259,7 @@ def quantize_linears(
     """
     formats = _resolve_formats(fmt, w_fmt, a_fmt, g_fmt, quantize_backward)
     rounding = _check_rounding(rounding)
+    backend = check_backend(backend, *formats)
     include_patterns = _check_patterns("include", include)
     exclude_patterns = _check_patterns("exclude", exclude)
 
@@ -269,7 +294,7 @@ def quantize_linears(
         layer = linears[name]
         if not isinstance(layer, QuantizedLinear):
             layer.__class__ = _quantized_class(type(layer))
-        layer._configure(*formats, quantize_backward, rounding)
+        layer._configure(*formats, quantize_backward, rounding, backend)
     return selected
 
 

@@ -39,6 +39,7 @@ from lightning_lowprec.nn import (
 from lightning_lowprec.optim.groups import is_multiplier
 from lightning_lowprec.posterior import PosteriorOptimizer, is_posterior, tracked
 from lightning_lowprec.quantize import Rounding
+from lightning_lowprec.scaled_mm import Backend, check_backend
 
 __all__ = ["LowPrecision", "LowPrecisionPlugin"]
 
@@ -48,6 +49,7 @@ _REPR_DEFAULTS = {
     "include": None,
     "quantize_backward": False,
     "rounding": "even",
+    "backend": "auto",
     "autocast": None,
     "param_dtype": None,
     "sample": True,
@@ -65,9 +67,11 @@ class LowPrecision(FabricMixedPrecision):
     built before ``setup`` keeps training the model, and the ``state_dict`` stays that of the
     original model, so checkpoints load anywhere. Embeddings and norms are never quantized.
 
-    The trade-off: the quantization is emulated. It shows how a model trains with MX/FP8
-    matmuls on any hardware, but it costs time (every forward rounds the input and weight of
-    each quantized layer) instead of saving it.
+    The trade-off: by default (``backend="auto"``) the quantization is emulated unless the
+    GPU has FP8 kernels for the format (per-tensor FP8 on compute capability 8.9+, MXFP8 on
+    10.x). Emulation shows how a model trains with MX/FP8 matmuls on any hardware, but it costs
+    time (every forward rounds the input and weight of each quantized layer) instead of saving
+    it; the ``scaled_mm`` backend multiplies the same quantized values on FP8 tensor cores.
 
     Mixed precision: Lightning refuses a precision string together with a precision plugin
     (``Fabric(precision="bf16-mixed", plugins=[LowPrecision(...)])`` raises "Received both
@@ -119,6 +123,9 @@ class LowPrecision(FabricMixedPrecision):
             backward in the working dtype, as the LMD paper).
         rounding: ``"even"`` (the MX spec's round-to-nearest-even), ``"nearest"`` or
             ``"stochastic"``.
+        backend: ``"auto"`` (default: real FP8 matmuls where the GPU has them for the
+            format, else emulated), ``"emulated"`` or ``"scaled_mm"``; see
+            :class:`~lightning_lowprec.nn.QuantizedLinear`.
         autocast: ``None`` (the working dtype is the parameters') or ``"bf16"``.
         param_dtype: ``None`` (parameters as the model made them) or ``"bf16"``: Lightning's
             ``"bf16-true"``. ``setup`` converts the model to bf16, ``init_module()`` creates
@@ -157,6 +164,7 @@ class LowPrecision(FabricMixedPrecision):
         exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE,
         quantize_backward: bool = False,
         rounding: Rounding = "even",
+        backend: Backend = "auto",
         autocast: Literal["bf16"] | None = None,
         device: str | None = None,
         sample: bool = True,
@@ -183,6 +191,7 @@ class LowPrecision(FabricMixedPrecision):
         self.exclude = _check_patterns("exclude", exclude)
         self.quantize_backward = quantize_backward
         self.rounding = _check_rounding(rounding)
+        self.backend = check_backend(backend, self.w_fmt, self.a_fmt, self.g_fmt)
         if autocast is not None and autocast not in AUTOCAST_MODES:
             raise ValueError(
                 f"Unknown autocast {autocast!r}. Valid values: None, "
@@ -247,6 +256,7 @@ class LowPrecision(FabricMixedPrecision):
                 exclude=self.exclude,
                 quantize_backward=self.quantize_backward,
                 rounding=self.rounding,
+                backend=self.backend,
             )
         self._set_up.add(module)
         return module
@@ -403,6 +413,7 @@ class LowPrecision(FabricMixedPrecision):
             "exclude": list(self.exclude),
             "quantize_backward": self.quantize_backward,
             "rounding": self.rounding,
+            "backend": self.backend,
             "autocast": self.autocast,
             "param_dtype": self.param_dtype,
             "sample": self.sample,

@@ -103,6 +103,16 @@ class GPTModule(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip where there is no CUDA device: CI never needs a GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu.py on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tokens() -> torch.Tensor:
     return torch.tensor(list(load_text().encode("utf-8")), dtype=torch.long)

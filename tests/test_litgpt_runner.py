@@ -347,6 +347,8 @@ BAD_INPUT = [
     ("finetune_full", ["--lowprec.optimizer", LMD_TYPO],
      "LMD does not accept lrr. Valid init_args:"),
     ("finetune_full", ["--lowprec.max_norm", "-1"], "max_norm must be a number > 0"),
+    ("finetune_full", ["--lowprec.backend", "fp8"],
+     r"Invalid lowprec.backend: 'fp8'. Valid values: 'auto', 'emulated', 'scaled_mm'"),
     ("finetune_full", ["--precision", "16-true"], r"--precision '16-true' is not supported"),
     ("finetune_full", ["--devices", "2"], "runs on one device"),
     ("finetune_lora", ["--lowprec.multipliers", "paper"], "does not combine with finetune_lora"),
@@ -491,3 +493,15 @@ def test_unknown_command_lists_the_supported_ones():
         run("finetune_adapter", [])
     with pytest.raises(SystemExit, match="2"):
         main(["chat"])
+
+
+def test_backend_reaches_the_quantized_layers(default, tmp_path, monkeypatch):
+    """lowprec.backend: scaled_mm makes the fine-tune's forwards run on torch._scaled_mm."""
+    calls = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    recipe = REPO / "recipes" / "finetune_full-adamw.yaml"
+    summary = run("finetune_full", recipe_args(recipe, default, tmp_path / "out") + [
+        "--lowprec.fmt", "fp8_e4m3", "--lowprec.backend", "scaled_mm",
+    ])
+    assert summary["steps"] == STEPS and calls

@@ -38,6 +38,7 @@ from lightning_lowprec.formats import FORMATS
 from lightning_lowprec.multipliers import PLACEMENTS
 from lightning_lowprec.nn import DEFAULT_EXCLUDE
 from lightning_lowprec.quantize import ROUNDING_MODES
+from lightning_lowprec.scaled_mm import BACKENDS
 
 __all__ = [
     "SECTION", "LowPrecOptions", "build_optimizer", "load_yaml", "merge_section", "resume_changes",
@@ -67,6 +68,9 @@ class LowPrecOptions:
         exclude: module-name patterns kept in full precision (default: the LM head).
         rounding: ``"even"``, ``"nearest"`` or ``"stochastic"``.
         quantize_backward: quantize the backward matmuls too.
+        backend: ``"auto"`` (real FP8 matmuls where the GPU has them for ``fmt``, else
+            emulated), ``"emulated"`` or ``"scaled_mm"``; see
+            :class:`~lightning_lowprec.nn.QuantizedLinear`.
         optimizer: ``{"class_path": ..., "init_args": {...}}``; when given, it becomes
             litgpt's ``--optimizer`` (what litgpt prints and saves; a different
             ``--optimizer`` is refused) and is built on
@@ -94,6 +98,7 @@ class LowPrecOptions:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     rounding: str = "even"
     quantize_backward: bool = False
+    backend: str = "auto"
     optimizer: dict[str, Any] | None = None
     param_groups: dict[str, Any] = field(default_factory=dict)
     sample: bool = True
@@ -108,6 +113,8 @@ class LowPrecOptions:
             raise ValueError(_choices("fmt", self.fmt, [None, *FORMATS]))
         if self.rounding not in ROUNDING_MODES:
             raise ValueError(_choices("rounding", self.rounding, ROUNDING_MODES))
+        if self.backend not in BACKENDS:
+            raise ValueError(_choices("backend", self.backend, BACKENDS))
         if self.multipliers is not None and self.multipliers not in PLACEMENTS:
             raise ValueError(_choices("multipliers", self.multipliers, [None, *PLACEMENTS]))
         if self.compile not in (True, False, "auto"):

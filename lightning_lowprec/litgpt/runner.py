@@ -604,6 +604,7 @@ class RecipeFabric(L.Fabric):
             exclude=options.exclude,
             rounding=options.rounding,
             quantize_backward=options.quantize_backward,
+            backend=options.backend,
             sample=options.sample,
             **PRECISIONS[precision or "bf16-mixed"],
         )
