@@ -28,6 +28,7 @@ from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_lowprec.callbacks.merge import FACTORS_KEY, unmerge_checkpoint
 from lightning_lowprec.formats import Format
 from lightning_lowprec.linear_like import (
     keep_quantized_paths,
@@ -568,6 +569,26 @@ class LowPrecisionPlugin(Precision, LowPrecision):
         if self._in_training_step and self.sample:
             optimizer.sample_()
         return result
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume exactly from a checkpoint that ``MergeMultipliers`` merged, also when the
+        resuming Trainer has no ``MergeMultipliers``.
+
+        Lightning has loaded the merged weights into the model by now (multipliers at 1:
+        the same function, but not the raw weights the optimizer state describes; LMD's
+        next step would write its raw point estimate under multipliers of 1). So the
+        checkpoint is un-merged and the model loaded again, before the optimizer state.
+        """
+        if FACTORS_KEY not in checkpoint:
+            return
+        unmerge_checkpoint(checkpoint)
+        for module in self._sampler.attached():
+            module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
+        rank_zero_warn(
+            "The checkpoint holds merged multipliers (saved with MergeMultipliers) and this "
+            "Trainer has no MergeMultipliers callback; the plugin un-merged it, so training "
+            "resumes exactly. Add MergeMultipliers() to keep the checkpoints it writes merged."
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to finish a checkpoint saved from inside ``training_step`` at a sample.

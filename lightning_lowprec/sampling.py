@@ -134,6 +134,10 @@ class PosteriorSampler:
             self.restore()
             raise
 
+    def attached(self) -> list[nn.Module]:
+        """The modules attached (alive), in no particular order."""
+        return list(self._modules)
+
     def device_type(self) -> str | None:
         """The device type of the attached modules' parameters (``None`` before any)."""
         for module in self._modules:
