@@ -57,10 +57,12 @@ class QuantizedConv1D(nn.Module):
     nf: int
     _configure = QuantizedLinear._configure
     _quantized_linear = QuantizedLinear._quantized_linear
-    extra_repr = QuantizedLinear.extra_repr
 
     def forward(self, x: Tensor) -> Tensor:
         return QuantizedLinear._matmul(self, x, self.weight.t(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, w_fmt={self.w_fmt.name}, a_fmt={self.a_fmt.name}"
 
 
 def quantize_conv1ds(

@@ -268,3 +268,31 @@ def test_norm_monitor_logs_manual_optimisation_with_two_optimizers_at_the_logger
     # The gradient norm is over both optimizers' parameters (the head's included).
     for step, norm in grad_steps.items():
         assert norm == pytest.approx(module.grad_norms[step - 1], rel=1e-5)
+
+
+# -- what the sampler's hooks must not break -------------------------------------------------
+
+
+def test_a_copy_of_a_set_up_model_is_never_sampled_and_the_model_pickles(tokens):
+    """A teacher or EMA copy (``copy.deepcopy``) owns no optimizer; a set-up model pickles
+    (``torch.save(model)``), and the unpickled one is tied to no optimizer either."""
+    import copy
+    import io
+
+    fabric, gpt, model, opt = fabric_gpt()
+    inputs = tokens[:64].view(1, 64)
+    train_one_step(fabric, model, opt, inputs)
+    teacher = copy.deepcopy(gpt)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    teacher.train()
+    teacher(inputs)
+    assert not opt.holds_sample
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    buffer = io.BytesIO()
+    torch.save(gpt, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    loaded.train()
+    loaded(inputs)
+    assert not opt.holds_sample
