@@ -460,8 +460,6 @@ class LowPrecisionPlugin(Precision, LowPrecision):
             Linear layer selected, or use outside a Trainer (e.g. ``L.Fabric(plugins=...)``).
     """
 
-    # Without a gradient scaler there is nothing to unscale, so fused optimizers may clip.
-    clip_gradients = Precision.clip_gradients
     # Set by connect() and around training_step: manual optimisation restores at its end.
     _automatic = True
     _in_training_step = False
