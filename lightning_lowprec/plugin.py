@@ -118,8 +118,10 @@ class LowPrecision(FabricPrecision):
         fmt: the format of every quantized operand, e.g. ``"mxfp6_e2m3"``; the names are in
             :data:`lightning_lowprec.FORMATS`. ``None`` with no per-operand format quantizes
             nothing: the plugin then only does posterior sampling.
-        w_fmt, a_fmt, g_fmt: per-operand formats overriding ``fmt`` (weights, input
-            activations, output gradients; ``g_fmt`` only with ``quantize_backward=True``).
+        w_fmt: the weights' format, overriding ``fmt``.
+        a_fmt: the input activations' format, overriding ``fmt``.
+        g_fmt: the output gradients' format, overriding ``fmt``; only with
+            ``quantize_backward=True``.
         include: module-name patterns of the Linear layers to quantize (``None``: all).
         exclude: module-name patterns left in full precision; default: the LM head. The
             pattern rule is that of :func:`~lightning_lowprec.nn.quantize_linears`; the names
@@ -463,7 +465,6 @@ class LowPrecisionPlugin(Precision, LowPrecision):
     # Set by connect() and around training_step: manual optimisation restores at its end.
     _automatic = True
     _in_training_step = False
-
 
     def convert_module(self, module: nn.Module) -> nn.Module:
         """As :meth:`LowPrecision.convert_module`, for the Trainer's LightningModule.

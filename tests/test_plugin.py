@@ -331,3 +331,14 @@ def test_a_model_built_in_configure_model_is_quantized_and_sampled(loader):
     assert isinstance(module.gpt.transformer.h[0].attn.qkv, QuantizedLinear)
     assert not isinstance(module.gpt.lm_head, QuantizedLinear)
     assert not trainer.optimizers[0].holds_sample and trainer.optimizers[0].state
+
+
+@pytest.mark.parametrize("cls", [LowPrecision, LowPrecisionPlugin])
+def test_every_argument_is_documented_for_the_cli_help(cls):
+    """LightningCLI (jsonargparse) shows the class docstring's Args per argument."""
+    import inspect
+
+    docstring_parser = pytest.importorskip("docstring_parser")
+
+    documented = {p.arg_name for p in docstring_parser.parse(cls.__doc__).params}
+    assert documented == set(inspect.signature(cls).parameters)

@@ -108,6 +108,7 @@ from lightning_lowprec.formats import E8M0_MAX_EXP, E8M0_MIN_EXP, Format
 from lightning_lowprec.nn import QuantizedLinear
 from lightning_lowprec.optim.groups import is_multiplier
 from lightning_lowprec.optim.lmd import LMD
+from lightning_lowprec.posterior import params_of
 from lightning_lowprec.quantize import Rounding, _exp2, quantize
 
 __all__ = ["FabricNormMonitor", "NormMonitor"]
@@ -221,7 +222,7 @@ class _Recorder:
         A second optimizer of the same step (manual optimisation) adds its gradients: the
         norms are over the parameters of every optimizer that stepped.
         """
-        params = {p: None for group in optimizer.param_groups for p in group["params"]}
+        params = dict.fromkeys(params_of(optimizer))
         norms = {
             "norm/grad/global": _global_norm(p.grad for p in params),
             "norm/grad/global_clipped_params": _global_norm(p.grad for p in clipped),
