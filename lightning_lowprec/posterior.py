@@ -43,11 +43,12 @@ from typing import Any, Protocol, runtime_checkable
 from torch import Tensor
 
 __all__ = [
-    "PosteriorOptimizer", "is_posterior", "owner", "params_of", "sampled_params", "track",
-    "unwrap",
+    "PosteriorOptimizer", "is_posterior", "owner", "ownership_changes", "params_of",
+    "sampled_params", "track", "unwrap",
 ]
 
 _OWNER_ATTR = "_lowprec_posterior"
+_CLAIMS = [0]  # how many times track() ran: lets a caller cache who owns what
 
 
 @runtime_checkable
@@ -89,7 +90,13 @@ def params_of(optimizer: Any) -> list[Tensor]:
 
 @contextmanager
 def sampled_params(optimizer: PosteriorOptimizer) -> Iterator[None]:
-    """Run the block at this step's sample; restore the point estimate however it exits."""
+    """Run the block at this step's sample; restore the point estimate however it exits.
+
+    A Fabric-wrapped optimizer is unwrapped first: the wrapper's class derives from the
+    optimizer's, so its own ``sample_()`` would record the sample on the wrapper, where the
+    plugin, which knows the optimizer itself, never looks.
+    """
+    optimizer = unwrap(optimizer)
     optimizer.sample_()
     try:
         yield
@@ -111,6 +118,13 @@ def track(optimizer: PosteriorOptimizer, params: Iterable[Tensor] | None = None)
             held = _Owners()
             setattr(p, _OWNER_ATTR, held)
         held.claim(optimizer)
+    _CLAIMS[0] += 1
+
+
+def ownership_changes() -> int:
+    """A number that grows with every :func:`track` call (ownership can also change when an
+    optimizer is garbage-collected: a cache must check its optimizers are alive)."""
+    return _CLAIMS[0]
 
 
 def owner(p: Tensor) -> PosteriorOptimizer | None:
