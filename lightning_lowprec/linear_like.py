@@ -128,7 +128,8 @@ def warn_unquantized(
             f"These 2-D weights of {type(model).__name__} stay unquantized: {shown}. Only exact "
             "nn.Linear layers (and Hugging Face Conv1D) are quantized; nn.MultiheadAttention's "
             "fused in_proj_weight, nn.Linear subclasses and custom projections run in full "
-            "precision. Exclude them to silence this warning.",
+            "precision. Excluding a layer (exclude=...) also silences it; LoRA adapters "
+            "(lora_A, lora_B) are 2-D weights of this kind.",
             stacklevel=3,
         )
     return found
