@@ -46,17 +46,23 @@ be the only parametrization of a weight, or the state dict alone would not defin
 from __future__ import annotations
 
 import math
-import sys
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_lowprec.nn import _matches
+from lightning_lowprec.multiplier_spec import (
+    KINDS,
+    PLACEMENTS,
+    ROW_COLUMN,
+    SCALAR,
+    MultiplierSpec,
+    registered_placement,
+)
+from lightning_lowprec.nn import DEFAULT_EXCLUDE, _listing, _matches
 from lightning_lowprec.optim.groups import mark_multiplier
 
 __all__ = [
@@ -72,13 +78,6 @@ __all__ = [
     "unmerged_state_dict",
 ]
 
-KINDS: tuple[str, ...] = ("row", "column", "scalar")
-"""The multiplier kinds a placement can ask for, in the order they are written."""
-PLACEMENTS: tuple[str, ...] = ("paper", "symmetry_free", "scalar")
-"""The named placements :func:`add_multipliers` knows (see there)."""
-GENERIC_EXCLUDE: tuple[str, ...] = ("lm_head",)
-"""Layers the generic rule leaves alone: the LM head, where the paper found row multipliers hurt."""
-
 _ORIGINAL = "parametrizations.weight.original"
 _FACTOR = "parametrizations.weight.0."
 _PARAMETER_NAMES = {kind: f"{kind}_multiplier" for kind in KINDS}
@@ -87,65 +86,6 @@ _INT8 = torch.iinfo(torch.int8)
 _MATRIX_LAYERS = (nn.Linear, nn.Embedding)
 
 
-@dataclass(frozen=True)
-class MultiplierSpec:
-    """Which multipliers one layer gets.
-
-    Attributes:
-        row: ``True`` for one factor per row (a Linear's output feature, an Embedding's token);
-            a positive int ``n`` for the leading ``n`` rows only, the others fixed at 1 (the
-            query block of a fused QKV projection, which litgpt lays out first).
-        column: one factor per column (a Linear's input feature, an Embedding's dimension).
-        scalar: one factor for the whole matrix.
-    """
-
-    row: bool | int = False
-    column: bool = False
-    scalar: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("column", "scalar"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"MultiplierSpec.{name} must be True or False.")
-        if not isinstance(self.row, bool) and not (isinstance(self.row, int) and self.row > 0):
-            raise ValueError(
-                f"MultiplierSpec.row must be True, False or a positive number of leading rows, "
-                f"got {self.row!r}."
-            )
-
-    @classmethod
-    def parse(cls, value: str | Sequence[str] | MultiplierSpec) -> MultiplierSpec:
-        """Read ``"row+column"``, ``("row", "column")``, ``"none"`` or a spec.
-
-        Raises:
-            ValueError: an unknown or repeated kind (the message lists :data:`KINDS`).
-        """
-        if isinstance(value, MultiplierSpec):
-            return value
-        if isinstance(value, str):
-            kinds = [] if value == "none" else value.split("+")
-        else:
-            kinds = list(value)
-        unknown = [kind for kind in kinds if kind not in KINDS]
-        if unknown or len(set(kinds)) != len(kinds):
-            raise ValueError(
-                f"Invalid multipliers {value!r}: expected kinds from {', '.join(KINDS)} joined "
-                "by '+' (e.g. 'row+column'), a sequence of them, 'none', or a MultiplierSpec."
-            )
-        return cls(row="row" in kinds, column="column" in kinds, scalar="scalar" in kinds)
-
-    def __bool__(self) -> bool:
-        return bool(self.row or self.column or self.scalar)
-
-    def __str__(self) -> str:
-        kinds = []
-        if self.row:
-            kinds.append("row" if self.row is True else f"row[:{self.row}]")
-        kinds += [kind for kind in ("column", "scalar") if getattr(self, kind)]
-        return "+".join(kinds) or "none"
-
-
-_ROW_COLUMN = MultiplierSpec(row=True, column=True)
 
 
 class Multipliers(nn.Module):
@@ -480,21 +420,20 @@ def _resolve_placement(
                 f"{', '.join(map(repr, PLACEMENTS))}, or a mapping from module-name patterns "
                 "to multipliers such as {'attn.qkv': 'row+column'}."
             )
-        if _contains_litgpt_gpt(module):
-            from lightning_lowprec.litgpt.placement import litgpt_placement
-
-            targets = litgpt_placement(module, placement)
+        targets = registered_placement(module, placement)
+        if targets is not None:
+            pass
         elif placement == "symmetry_free":
             raise ValueError(
                 "placement='symmetry_free' needs a litgpt GPT: it must know which layers are "
                 "the queries, the MLP gate and up projections. Pass a mapping for other models."
             )
         else:
-            spec = MultiplierSpec(scalar=True) if placement == "scalar" else _ROW_COLUMN
+            spec = SCALAR if placement == "scalar" else ROW_COLUMN
             targets = {
                 name: spec
                 for name, layer in module.named_modules()
-                if isinstance(layer, _MATRIX_LAYERS) and not _matches(name, GENERIC_EXCLUDE)
+                if isinstance(layer, _MATRIX_LAYERS) and not _matches(name, DEFAULT_EXCLUDE)
             }
         if not targets:
             raise ValueError(
@@ -612,20 +551,3 @@ def _parameter_names(module: nn.Module) -> dict[int, list[str]]:
     for name, parameter in module.named_parameters(remove_duplicate=False):
         names.setdefault(id(parameter), []).append(name)
     return names
-
-
-def _contains_litgpt_gpt(module: nn.Module) -> bool:
-    # A litgpt GPT instance exists only if litgpt.model was imported: checking sys.modules
-    # keeps litgpt an optional dependency and spares other users its import time.
-    litgpt_model = sys.modules.get("litgpt.model")
-    return litgpt_model is not None and any(
-        isinstance(layer, litgpt_model.GPT) for layer in module.modules()
-    )
-
-
-def _listing(names: list[str], limit: int = 12) -> str:
-    if not names:
-        return "none"
-    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
-    return ", ".join(name or "<the module itself>" for name in names[:limit]) + more
-

@@ -131,7 +131,10 @@ class QuantizedLinear(nn.Linear):
         self.backend = backend
 
     def forward(self, input: Tensor) -> Tensor:
-        x, weight, bias = input, self.weight, self.bias
+        return self._matmul(input, self.weight, self.bias)
+
+    def _matmul(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``x @ weight.T + bias`` quantized; ``weight`` in the Linear layout ``[out, in]``."""
         device_type = x.device.type
         if not torch.is_autocast_enabled(device_type):
             return self._quantized_linear(x, weight, bias)

@@ -14,21 +14,27 @@ parameters at rest; see :class:`LowPrecision`, "Posterior sampling".
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins.precision import MixedPrecision as FabricMixedPrecision
-from lightning.fabric.plugins.precision.utils import _DtypeContextManager
+from lightning.fabric.plugins.precision import Precision as FabricPrecision
+from lightning.fabric.plugins.precision.utils import _convert_fp_tensor, _DtypeContextManager
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
-from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.plugins.precision import Precision
+from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_lowprec.callbacks.merge import FACTORS_KEY, unmerge_checkpoint
 from lightning_lowprec.formats import Format
+from lightning_lowprec.linear_like import (
+    keep_quantized_paths,
+    quantize_conv1ds,
+    warn_unquantized,
+)
 from lightning_lowprec.nn import (
     DEFAULT_EXCLUDE,
     _check_patterns,
@@ -36,9 +42,10 @@ from lightning_lowprec.nn import (
     _resolve_formats,
     quantize_linears,
 )
-from lightning_lowprec.optim.groups import is_multiplier
-from lightning_lowprec.posterior import PosteriorOptimizer, is_posterior, tracked
+from lightning_lowprec.optim.groups import without_multipliers
+from lightning_lowprec.posterior import is_posterior
 from lightning_lowprec.quantize import Rounding
+from lightning_lowprec.sampling import PosteriorSampler
 from lightning_lowprec.scaled_mm import Backend, check_backend
 
 __all__ = ["LowPrecision", "LowPrecisionPlugin"]
@@ -54,11 +61,9 @@ _REPR_DEFAULTS = {
     "param_dtype": None,
     "sample": True,
 }
-_LINKS = ("_set_up", "_connected", "_lightning_module", "_in_training_step")
-"""The plugin's runtime links to a model and its optimizers (see ``LowPrecision._unlink``)."""
 
 
-class LowPrecision(FabricMixedPrecision):
+class LowPrecision(FabricPrecision):
     """Fabric precision plugin: emulated MX/FP8 matmuls in the selected Linear layers.
 
     ``fabric.setup(model)`` re-classes the selected ``nn.Linear`` layers into
@@ -95,11 +100,16 @@ class LowPrecision(FabricMixedPrecision):
     ``fit``, after an exception) the parameters hold the point estimate: checkpoints,
     ``model.state_dict()`` and exports need no extra step. Plain optimizers are unaffected.
 
-    * Fabric: a *training forward* is a forward through the set-up model with gradients enabled
-      while it is in training mode; it draws the sample, and ``fabric.backward(loss)``
-      (mandatory with this plugin) restores the point estimate. Any other forward (``eval()``
-      or ``torch.no_grad()``) runs at the point estimate. ``optimizer.step()`` needs nothing
-      extra; with gradient accumulation every micro-batch's forward redraws the same sample.
+    * Fabric: a *training forward* is a forward of a set-up module with gradients enabled
+      while that module is in training mode; it draws the sample of that module's posterior
+      optimizers, and ``fabric.backward(loss)`` (mandatory with this plugin) restores the
+      point estimate. Any other forward (``eval()`` or ``torch.no_grad()``) of a module runs
+      at its point estimate, also while another set-up module (a critic, a value head)
+      trains. ``optimizer.step()`` needs nothing extra; with gradient accumulation every
+      micro-batch's forward redraws the same sample. A forward with no ``fabric.backward``
+      after it (a skipped NaN loss, Ctrl-C) leaves no trace: ``model.state_dict()`` and
+      ``fabric.save`` read the point estimate whatever the parameters hold
+      (:mod:`~lightning_lowprec.sampling`).
     * Trainer, automatic optimisation: ``training_step`` runs at the sample and its backward
       restores the point estimate; ``accumulate_grad_batches`` shares the step's sample.
     * Trainer, manual optimisation: nothing extra to call either. The whole ``training_step``
@@ -112,8 +122,10 @@ class LowPrecision(FabricMixedPrecision):
         fmt: the format of every quantized operand, e.g. ``"mxfp6_e2m3"``; the names are in
             :data:`lightning_lowprec.FORMATS`. ``None`` with no per-operand format quantizes
             nothing: the plugin then only does posterior sampling.
-        w_fmt, a_fmt, g_fmt: per-operand formats overriding ``fmt`` (weights, input
-            activations, output gradients; ``g_fmt`` only with ``quantize_backward=True``).
+        w_fmt: the weights' format, overriding ``fmt``.
+        a_fmt: the input activations' format, overriding ``fmt``.
+        g_fmt: the output gradients' format, overriding ``fmt``; only with
+            ``quantize_backward=True``.
         include: module-name patterns of the Linear layers to quantize (``None``: all).
         exclude: module-name patterns left in full precision; default: the LM head. The
             pattern rule is that of :func:`~lightning_lowprec.nn.quantize_linears`; the names
@@ -133,8 +145,8 @@ class LowPrecision(FabricMixedPrecision):
             to bf16 and outputs back to fp32. The optimizers here keep fp32 state beside bf16
             weights (M+Adam with ``storage=None`` rounds its update into them: no fp32
             master). Not combined with ``autocast``.
-        device: device type of the autocast (``"cuda"``, ``"cpu"``, ...); default ``"cuda"`` if
-            CUDA is available, else ``"cpu"``. Only used with ``autocast``.
+        device: device type of the autocast (``"cuda"``, ``"cpu"``, ...); default: that of the
+            model's parameters when a forward starts. Only used with ``autocast``.
         sample: with a posterior optimizer, train at samples (``True``, the method) or at the
             point estimate (``False``: the optimizer's deterministic dynamics, the paper's
             ablation). No effect on plain optimizers.
@@ -186,7 +198,6 @@ class LowPrecision(FabricMixedPrecision):
             )
         if not isinstance(sample, bool):
             raise ValueError(f"sample must be True or False, got {sample!r}.")
-        self.sample = sample
         self.include = _check_patterns("include", include)
         self.exclude = _check_patterns("exclude", exclude)
         self.quantize_backward = quantize_backward
@@ -209,57 +220,56 @@ class LowPrecision(FabricMixedPrecision):
                 f"(Lightning's 'bf16-true'); autocast={autocast!r} is 'bf16-mixed'. Pass one."
             )
         self.param_dtype = param_dtype
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if autocast is None:
-            # What MixedPrecision/HalfPrecision.__init__ set (Lightning reads these).
-            self.precision = "32-true" if param_dtype is None else "bf16-true"
-            self.device, self.scaler = device, None
-            self._desired_input_dtype = torch.float32 if param_dtype is None else torch.bfloat16
-        else:
-            FabricMixedPrecision.__init__(self, "bf16-mixed", device)
-        self._unlink()
+        # Lightning reads ``precision`` (e.g. ``trainer.precision``); the rest is ours.
+        self.precision = {None: "32-true", "bf16": "bf16-true"}[param_dtype]
+        if autocast is not None:
+            self.precision = "bf16-mixed"
+        self.device = device
+        self._sampler = PosteriorSampler(sample)
 
-    def _unlink(self) -> None:
-        """Forget the runtime links to models and optimizers (set up again in each process)."""
-        # The modules given to setup: Fabric's plugin samples for a forward of a training one.
-        self._set_up: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-        # The Trainer's posterior optimizers, from connect(), and whether training_step runs.
-        self._connected: list[PosteriorOptimizer] = []
-        self._lightning_module: pl.LightningModule | None = None
-        self._in_training_step = False
-
-    def __getstate__(self) -> dict[str, Any]:
-        """The settings only: ``ddp_spawn`` pickles the plugin into workers that set up their
-        own model and optimizers (and a ``WeakSet`` cannot be pickled)."""
-        return {key: value for key, value in self.__dict__.items() if key not in _LINKS}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._unlink()
+    @property
+    def sample(self) -> bool:
+        """Whether a posterior optimizer's training forwards run at samples (see ``sample``)."""
+        return self._sampler.sample
 
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Re-class the selected Linear layers of ``module`` in place; return ``module``.
 
-        With ``fmt=None`` nothing is re-classed. Either way the module is remembered (weakly):
-        Fabric's plugin samples for the training forwards of the modules it set up. With
-        ``param_dtype`` the module is first converted to it.
+        With ``param_dtype`` the module is first converted to it; with ``fmt=None`` nothing is
+        re-classed. Layers whose 2-D weights stay unquantized although they multiply like a
+        Linear (``nn.MultiheadAttention``'s fused input projection, and others) are named in a
+        warning. Either way the plugin's sampler attaches to the module: Fabric decides at
+        each of its forwards whether it runs at a sample, and no ``state_dict`` of it can
+        hold one.
         """
-        if self.param_dtype is not None:
-            module.to(dtype=self._desired_input_dtype)
-        if self.w_fmt is not None:
-            quantize_linears(
-                module,
-                w_fmt=self.w_fmt,
-                a_fmt=self.a_fmt,
-                g_fmt=self.g_fmt,
-                include=self.include,
-                exclude=self.exclude,
-                quantize_backward=self.quantize_backward,
-                rounding=self.rounding,
-                backend=self.backend,
-            )
-        self._set_up.add(module)
+        self._convert(module)
+        self._sampler.attach(module, per_forward=True)
         return module
+
+    def _convert(self, module: nn.Module) -> None:
+        """The dtype and the quantization of ``module``: the one place the formats apply."""
+        if self.param_dtype is not None:
+            module.to(dtype=torch.bfloat16)
+        if self.w_fmt is None:
+            return
+        settings = dict(
+            w_fmt=self.w_fmt,
+            a_fmt=self.a_fmt,
+            g_fmt=self.g_fmt,
+            include=self.include,
+            exclude=self.exclude,
+            quantize_backward=self.quantize_backward,
+            rounding=self.rounding,
+            backend=self.backend,
+        )
+        conv1ds = quantize_conv1ds(module, **settings)
+        try:
+            quantize_linears(module, **settings)
+        except ValueError:
+            if not conv1ds:  # no layer at all is selected
+                raise
+        keep_quantized_paths(module)
+        warn_unquantized(module, self.include, self.exclude)
 
     def main_params(self, optimizer: Optimizer) -> list[Tensor]:
         """What gradient clipping sees: every parameter but the learnable multipliers.
@@ -269,69 +279,53 @@ class LowPrecision(FabricMixedPrecision):
         norm without the multipliers' gradients and leaves them unclipped: counted in, they
         over-clip everything else and erase the multipliers' gain.
         """
-        return [p for p in super().main_params(optimizer) if not is_multiplier(p)]
+        return without_multipliers(super().main_params(optimizer))
 
     @contextmanager
     def forward_context(self) -> Iterator[None]:
-        """Fabric's forward: at this step's sample if it is a training forward, then autocast.
+        """A forward's dtype context; an exception inside restores the point estimate.
 
-        A training forward (gradients enabled, a set-up module in training mode) draws the
-        sample (idempotent within a step); its backward restores the point estimate. Any other
-        forward restores it first, should a training forward have gone without a backward.
-        If the forward raises, its backward never comes: the point estimate is restored here.
+        Whether the forward runs at a sample was decided by the module (Fabric: its forward
+        pre-hook; Trainer: the step context); if it raises, the backward that would restore
+        the point estimate never comes.
         """
-        training = torch.is_grad_enabled() and any(m.training for m in self._set_up)
-        if training:
-            self._sample_posteriors()
-        else:
-            self._restore_posteriors()
-        with self._step_context():
+        with self._sampler.restoring_on_error(), self._dtype_context():
             yield
-
-    @contextmanager
-    def _step_context(self) -> Iterator[None]:
-        """The forward's dtype context (:meth:`_dtype_context`); an exception inside means no
-        backward will restore the point estimate, so it is restored here before it goes on."""
-        try:
-            with self._dtype_context():
-                yield
-        except BaseException:
-            self._restore_posteriors()
-            raise
 
     def _dtype_context(self) -> AbstractContextManager:
         """The forward's dtype: bf16 autocast with ``autocast="bf16"``, bf16 as the default
         dtype with ``param_dtype="bf16"`` (as Lightning's ``bf16-true``), else nothing.
 
-        The autocast weight cache is off (as in the Trainer's own mixed precision): weights
-        may change in place between forwards inside one context.
+        The autocast device is ``device`` if given, else that of the model's parameters when
+        the forward starts (after Lightning moved them), so ``accelerator="cpu"`` on a GPU
+        machine autocasts on the CPU. The autocast weight cache is off (as in the Trainer's
+        own mixed precision): weights may change in place between forwards in one context.
         """
         if self.param_dtype is not None:
             return self.tensor_init_context()
         if self.autocast is None:
             return nullcontext()
-        return torch.autocast(self.device, dtype=torch.bfloat16, cache_enabled=False)
+        device = self.device or self._sampler.device_type() or "cpu"
+        return torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False)
 
     def tensor_init_context(self) -> AbstractContextManager:
         """With ``param_dtype``, new floating tensors default to it (``init_module()`` too)."""
         if self.param_dtype is None:
             return nullcontext()
-        return _DtypeContextManager(self._desired_input_dtype)
+        return _DtypeContextManager(torch.bfloat16)
 
     def module_init_context(self) -> AbstractContextManager:
         return self.tensor_init_context()
 
     def backward(self, tensor: Tensor, model: nn.Module | None, *args: Any, **kwargs: Any) -> None:
         """``fabric.backward``; a backward that raises still leaves the point estimate."""
-        try:
+        with self._sampler.restoring_on_error():
             super().backward(tensor, model, *args, **kwargs)
-        except BaseException:
-            self._restore_posteriors()
-            raise
 
-    def post_backward(self, tensor: Tensor, module: nn.Module | None) -> None:
+    def post_backward(self, tensor: Tensor, module: nn.Module | None) -> Any:
         """The gradient at the sample is taken: the parameters return to the point estimate."""
-        self._restore_posteriors()
+        self._sampler.restore()
+        return super().post_backward(tensor, module)
 
     def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
         """``optimizer.step()``; a posterior optimizer's closure runs here, not in its step.
@@ -351,57 +345,24 @@ class LowPrecision(FabricMixedPrecision):
 
     def teardown(self) -> None:
         """Leave the point estimate in the parameters, also after an exception."""
-        self._restore_posteriors()
+        self._sampler.restore()
         super().teardown()
-
-    def _posterior_optimizers(self) -> list[PosteriorOptimizer]:
-        """The posterior optimizers of the set-up modules (Fabric: tracked ones holding any of
-        their parameters).
-
-        Raises:
-            RuntimeError: two of them hold the same parameter (one is a leftover: each would
-                overwrite the other's sample).
-        """
-        candidates = tracked()
-        if not candidates:
-            return []
-        params = {p for module in self._set_up for p in module.parameters()}
-        found = [opt for opt in candidates if any(p in params for p in _params_of(opt))]
-        seen: set[Tensor] = set()
-        for opt in found:
-            own = set(_params_of(opt))
-            if own & seen:
-                names = ", ".join(type(o).__name__ for o in found)
-                raise RuntimeError(
-                    f"{len(found)} posterior optimizers ({names}) hold parameters of the same "
-                    "model, so the plugin cannot tell which one samples them. Delete the one "
-                    "you no longer use (`del optimizer`)."
-                )
-            seen |= own
-        return found
-
-    def _sample_posteriors(self) -> None:
-        """Write this step's sample of every posterior optimizer (unless ``sample=False``)."""
-        if self.sample:
-            for optimizer in self._posterior_optimizers():
-                optimizer.sample_()
-
-    def _restore_posteriors(self) -> None:
-        """Write every posterior optimizer's point estimate back (no-op where none is held)."""
-        for optimizer in self._posterior_optimizers():
-            optimizer.restore_()
 
     def convert_input(self, data: Any) -> Any:
         """Floating inputs to bf16 under ``autocast`` or ``param_dtype``, else unchanged."""
         if self.autocast is None and self.param_dtype is None:
             return data
-        return super().convert_input(data)
+        return apply_to_collection(
+            data, function=_convert_fp_tensor, dtype=Tensor, dst_type=torch.bfloat16
+        )
 
     def convert_output(self, data: Any) -> Any:
         """Floating outputs back to the default dtype (fp32) when inputs were converted."""
         if self.autocast is None and self.param_dtype is None:
             return data
-        return super().convert_output(data)
+        return apply_to_collection(
+            data, function=_convert_fp_tensor, dtype=Tensor, dst_type=torch.get_default_dtype()
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The settings, as plain Python values (checkpoints load with ``weights_only=True``)."""
@@ -454,13 +415,15 @@ class LowPrecision(FabricMixedPrecision):
         return f"{type(self).__name__}({', '.join(args)})"
 
 
-class LowPrecisionPlugin(MixedPrecision, LowPrecision):
+class LowPrecisionPlugin(Precision, LowPrecision):
     """Trainer precision plugin: emulated MX/FP8 matmuls in the selected Linear layers.
 
     ``Trainer(plugins=[LowPrecisionPlugin("mxfp6_e2m3")])``. The same plugin as
-    :class:`LowPrecision` (see there for every argument, the autocast note, strategies and
-    checkpoints); this class adds the Trainer's hooks (``on_before_backward``, gradient
-    clipping, the closure) and routes the shared methods to the shared implementation.
+    :class:`LowPrecision` (see there for the trade-off, the autocast note, strategies and
+    checkpoints), in the Trainer's shape, as Lightning's own twins
+    (``TransformerEnginePrecision``, ``BitsandbytesPrecision``): the Trainer's hooks come from
+    Lightning's ``Precision``, conversion, dtype contexts and settings from ``LowPrecision``.
+    For Fabric pass :class:`LowPrecision`; this class refuses a module without a Trainer.
 
     Use ``LowPrecisionPlugin(..., autocast="bf16")`` instead of ``precision="bf16-mixed"``,
     which Lightning refuses next to any precision plugin.
@@ -469,29 +432,85 @@ class LowPrecisionPlugin(MixedPrecision, LowPrecision):
     the posterior optimizers are those of ``configure_optimizers``; ``training_step`` draws the
     sample, the backward (automatic optimisation) or the end of ``training_step`` (manual)
     restores the point estimate, and evaluation steps and checkpoints see the point estimate.
+    An exception anywhere in between (``training_step``, ``on_before_backward``, the backward,
+    ``detect_anomaly``, Ctrl-C) restores it before Lightning's exception handling runs, so
+    ``OnExceptionCheckpoint`` saves the point estimate and the error stays the user's.
+
+    ``configure_model``: Lightning calls it before it converts the module, so layers built
+    there are quantized like any other.
+
+    Args:
+        fmt: the format of every quantized operand, e.g. ``"mxfp6_e2m3"`` (the names are in
+            :data:`lightning_lowprec.FORMATS`); ``None`` with no per-operand format quantizes
+            nothing: the plugin then only does posterior sampling.
+        w_fmt: the weights' format, overriding ``fmt``.
+        a_fmt: the input activations' format, overriding ``fmt``.
+        g_fmt: the output gradients' format, overriding ``fmt``; only with
+            ``quantize_backward=True``.
+        include: module-name patterns of the Linear layers to quantize (``None``: all).
+        exclude: module-name patterns left in full precision; default: the LM head
+            (``lm_head``). Names are those of the LightningModule (e.g. ``gpt.lm_head``); the
+            pattern rule is that of :func:`~lightning_lowprec.nn.quantize_linears`.
+        quantize_backward: also quantize the two backward matmuls (default: straight-through,
+            backward in the working dtype, as the LMD paper).
+        rounding: ``"even"`` (the MX spec's round-to-nearest-even), ``"nearest"`` or
+            ``"stochastic"``.
+        backend: ``"auto"`` (default: real FP8 matmuls where the GPU has them for the
+            format, else emulated), ``"emulated"`` or ``"scaled_mm"``; see
+            :class:`~lightning_lowprec.nn.QuantizedLinear`.
+        autocast: ``None`` (the working dtype is the parameters') or ``"bf16"`` (as
+            ``precision="bf16-mixed"``).
+        device: device type of the autocast (``"cuda"``, ``"cpu"``, ...); default: that of the
+            model's parameters. Only used with ``autocast``.
+        sample: with a posterior optimizer, train at samples (``True``, the method) or at the
+            point estimate (``False``: the optimizer's deterministic dynamics, the paper's
+            ablation). No effect on plain optimizers.
+        param_dtype: ``None`` (parameters as the model made them) or ``"bf16"`` (as
+            ``precision="bf16-true"``: parameters stored and run in bf16, floating batches
+            cast to bf16). Not combined with ``autocast``.
+
+    Raises:
+        ValueError: an unknown format, rounding, autocast mode or param_dtype, ``autocast``
+            with ``param_dtype``, a format missing for one operand, or
+            ``include``/``quantize_backward`` without a format; at setup, a model with no
+            Linear layer selected, or use outside a Trainer (e.g. ``L.Fabric(plugins=...)``).
     """
 
-    __init__ = LowPrecision.__init__
-    # The Trainer's step contexts below decide about sampling; forwards only need autocast.
-    forward_context = LowPrecision._dtype_context
-    state_dict = LowPrecision.state_dict
-    load_state_dict = LowPrecision.load_state_dict
-    # Without a gradient scaler there is nothing to unscale, so fused optimizers may clip.
-    clip_gradients = Precision.clip_gradients
+    # Set by connect() and around training_step: manual optimisation restores at its end.
+    _automatic = True
+    _in_training_step = False
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        """As :meth:`LowPrecision.convert_module`, for the Trainer's LightningModule.
+
+        Raises:
+            ValueError: ``module`` is not a LightningModule attached to a Trainer (this
+                plugin was given to ``L.Fabric``, whose plugin is :class:`LowPrecision`).
+        """
+        if not isinstance(module, pl.LightningModule) or module._trainer is None:
+            raise ValueError(
+                f"{type(self).__name__} is the Trainer's plugin (L.Trainer(plugins=[...])); it "
+                f"was asked to set up a {type(module).__name__} outside a Trainer. With Fabric "
+                f"use LowPrecision: L.Fabric(plugins=[LowPrecision(...)])."
+            )
+        self._convert(module)
+        # The Trainer's step contexts, not each forward, decide about sampling.
+        self._sampler.attach(module, per_forward=False)
+        return module
 
     def convert_input(self, data: Any) -> Any:
         """The Trainer's bf16-mixed leaves batches as they are, its bf16-true casts floating
         ones to bf16; so does this plugin."""
-        return data if self.param_dtype is None else LowPrecision.convert_input(self, data)
+        return data if self.param_dtype is None else super().convert_input(data)
 
     def connect(
         self, model: nn.Module, optimizers: list[Any], lr_schedulers: list[Any]
     ) -> tuple[nn.Module, list[Any], list[Any]]:
-        """Remember the posterior optimizers and the LightningModule (``model`` may be DDP)."""
-        self._connected = [o for o in map(_unwrap, optimizers) if is_posterior(o)]
-        self._lightning_module = next(
-            m for m in model.modules() if isinstance(m, pl.LightningModule)
-        )
+        """The optimizers of ``configure_optimizers`` own their parameters (``model`` may be
+        DDP-wrapped)."""
+        self._sampler.claim(optimizers)
+        module = next(m for m in model.modules() if isinstance(m, pl.LightningModule))
+        self._automatic = module.automatic_optimization
         return super().connect(model, optimizers, lr_schedulers)
 
     @contextmanager
@@ -502,15 +521,15 @@ class LowPrecisionPlugin(MixedPrecision, LowPrecision):
         the sample (autograd saved the sampled weights), so ``post_backward`` restores.
         Manual optimisation: the backward is inside, so the point estimate is restored here.
         """
-        self._sample_posteriors()
+        self._sampler.draw()
         self._in_training_step = True
         try:
-            with self._step_context():
+            with self.forward_context():
                 yield
         finally:
             self._in_training_step = False
-        if not self._automatic():
-            self._restore_posteriors()
+        if not self._automatic:
+            self._sampler.restore()
 
     @contextmanager
     def val_step_context(self) -> Iterator[None]:
@@ -519,21 +538,33 @@ class LowPrecisionPlugin(MixedPrecision, LowPrecision):
         It is already in place unless a ``training_step`` returned ``None`` (no backward to
         restore after) in the middle of gradient accumulation.
         """
-        self._restore_posteriors()
+        self._sampler.restore()
         with self._dtype_context():
             yield
 
     test_step_context = val_step_context
     predict_step_context = val_step_context
 
-    def post_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:
+    def pre_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
+        """``on_before_backward``; if it raises, the point estimate is restored."""
+        with self._sampler.restoring_on_error():
+            return super().pre_backward(tensor, module)
+
+    def backward(  # type: ignore[override]
+        self, tensor: Tensor, model: pl.LightningModule, optimizer: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        """The backward at the sample; if it raises, the point estimate is restored."""
+        with self._sampler.restoring_on_error():
+            super().backward(tensor, model, optimizer, *args, **kwargs)
+
+    def post_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
         """Automatic optimisation: the gradient at the sample is taken, restore the point
         estimate before ``on_after_backward`` (manual: ``training_step`` may go on sampled)."""
         if module.automatic_optimization:
-            self._restore_posteriors()
+            self._sampler.restore()
         return super().post_backward(tensor, module)
 
-    def optimizer_step(
+    def optimizer_step(  # type: ignore[override]
         self, optimizer: Any, model: pl.LightningModule, closure: Callable[[], Any], **kwargs: Any
     ) -> Any:
         """Run the closure (training step, backward, ``on_before_optimizer_step``, clipping),
@@ -545,20 +576,43 @@ class LowPrecisionPlugin(MixedPrecision, LowPrecision):
         """
         if not is_posterior(optimizer):
             return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
-        result = self._wrap_closure(model, optimizer, closure)
+        with self._sampler.restoring_on_error():
+            result = self._wrap_closure(model, optimizer, closure)
         optimizer.step(**kwargs)
         if self._in_training_step and self.sample:
             optimizer.sample_()
         return result
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume exactly from a checkpoint that ``MergeMultipliers`` merged, also when the
+        resuming Trainer has no ``MergeMultipliers``.
+
+        Lightning has loaded the merged weights into the model by now (multipliers at 1:
+        the same function, but not the raw weights the optimizer state describes; LMD's
+        next step would write its raw point estimate under multipliers of 1). So the
+        checkpoint is un-merged and the model loaded again, before the optimizer state.
+        """
+        if FACTORS_KEY not in checkpoint:
+            return
+        unmerge_checkpoint(checkpoint)
+        for module in self._sampler.attached():
+            module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
+        rank_zero_warn(
+            "The checkpoint holds merged multipliers (saved with MergeMultipliers) and this "
+            "Trainer has no MergeMultipliers callback; the plugin un-merged it, so training "
+            "resumes exactly. Add MergeMultipliers() to keep the checkpoints it writes merged."
+        )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse to finish a checkpoint whose weights are a sample.
+        """Refuse to finish a checkpoint saved from inside ``training_step`` at a sample.
+
+        Its weights are the point estimate (the sampler's ``state_dict`` guard), but the run
+        is in the middle of a step; elsewhere (an exception, a callback) saving is fine.
 
         Raises:
-            RuntimeError: a posterior optimizer holds a sample, i.e. the checkpoint is saved
-                from inside ``training_step`` or between a forward and its backward.
+            RuntimeError: a posterior optimizer holds a sample inside ``training_step``.
         """
-        held = [type(o).__name__ for o in self._posterior_optimizers() if o.holds_sample]
+        held = [type(o).__name__ for o in self._sampler.held()] if self._in_training_step else []
         if held:
             raise RuntimeError(
                 f"A checkpoint is being saved while the parameters hold a posterior sample of "
@@ -566,20 +620,3 @@ class LowPrecisionPlugin(MixedPrecision, LowPrecision):
                 "from a callback's on_train_batch_end or ModelCheckpoint), not from inside "
                 "training_step."
             )
-
-    def _automatic(self) -> bool:
-        module = self._lightning_module
-        return module is None or module.automatic_optimization
-
-    def _posterior_optimizers(self) -> list[PosteriorOptimizer]:
-        """The posterior optimizers of ``configure_optimizers`` (from :meth:`connect`)."""
-        return self._connected
-
-
-def _unwrap(optimizer: Any) -> Any:
-    """The optimizer inside a Lightning/Fabric wrapper (or ``optimizer`` itself)."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
-def _params_of(optimizer: Any) -> list[Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]

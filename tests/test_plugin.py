@@ -303,3 +303,42 @@ def test_fsdp_refuses_the_plugin_by_name():
     """FSDP needs a GPU here, so the strategy's own check is exercised directly."""
     with pytest.raises(TypeError, match=r"FSDPPrecision. plugin, found LowPrecisionPlugin\('mxf"):
         FSDPStrategy().precision_plugin = LowPrecisionPlugin(FMT)
+
+
+class BuiltInConfigureModel(GPTModule):
+    """The GPT built in ``configure_model`` (as litgpt's ``LLM.trainer_setup`` or a sharded
+    model would), trained by LMD."""
+
+    def __init__(self) -> None:
+        L.LightningModule.__init__(self)
+        self.gpt = None
+        self.losses = []
+
+    def configure_model(self):
+        if self.gpt is None:
+            self.gpt = make_gpt()
+
+    def configure_optimizers(self):
+        return LMD(self.parameters(), seed=0)
+
+
+def test_a_model_built_in_configure_model_is_quantized_and_sampled(loader):
+    """Lightning calls ``configure_model`` before ``precision.convert_module``
+    (``Trainer._run``: configure_model, then ``strategy.setup``), so nothing is missed."""
+    module = BuiltInConfigureModel()
+    trainer = L.Trainer(**trainer_kwargs(max_steps=2, plugins=[LowPrecisionPlugin(FMT)]))
+    trainer.fit(module, loader)
+    assert isinstance(module.gpt.transformer.h[0].attn.qkv, QuantizedLinear)
+    assert not isinstance(module.gpt.lm_head, QuantizedLinear)
+    assert not trainer.optimizers[0].holds_sample and trainer.optimizers[0].state
+
+
+@pytest.mark.parametrize("cls", [LowPrecision, LowPrecisionPlugin])
+def test_every_argument_is_documented_for_the_cli_help(cls):
+    """LightningCLI (jsonargparse) shows the class docstring's Args per argument."""
+    import inspect
+
+    docstring_parser = pytest.importorskip("docstring_parser")
+
+    documented = {p.arg_name for p in docstring_parser.parse(cls.__doc__).params}
+    assert documented == set(inspect.signature(cls).parameters)

@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_lowprec.optim.groups import is_multiplier
+from lightning_lowprec.optim.groups import without_multipliers
 
 __all__ = [
     "ExcludeMultipliersFromClipping",
@@ -43,7 +43,7 @@ class _ParamsExceptMultipliers:
         self.main_params = main_params
 
     def __call__(self, optimizer: Optimizer) -> list[Tensor]:
-        return [p for p in self.main_params(optimizer) if not is_multiplier(p)]
+        return without_multipliers(self.main_params(optimizer))
 
 
 def exclude_multipliers_from_clipping(precision: Any) -> None:

@@ -51,7 +51,8 @@ name without ``.weight``, e.g. ``gpt.transformer.h.0.attn.qkv``):
 =============================================  ==================================================
 
 When each number is taken (step ``k`` is logged when ``k`` is a multiple of ``every_n_steps``;
-``k`` is the Trainer's ``global_step``, or in Fabric the count of optimizer steps since setup):
+``k`` is the Trainer's count of batches that stepped the optimizers, its loggers' step, or in
+Fabric the count of optimizer steps since setup):
 
 * weights, multipliers, medians and the weight quantization: after optimizer step ``k``, when
   the parameters hold the point estimate (a posterior optimizer such as LMD restores it in its
@@ -107,6 +108,7 @@ from lightning_lowprec.formats import E8M0_MAX_EXP, E8M0_MIN_EXP, Format
 from lightning_lowprec.nn import QuantizedLinear
 from lightning_lowprec.optim.groups import is_multiplier
 from lightning_lowprec.optim.lmd import LMD
+from lightning_lowprec.posterior import params_of
 from lightning_lowprec.quantize import Rounding, _exp2, quantize
 
 __all__ = ["FabricNormMonitor", "NormMonitor"]
@@ -215,12 +217,19 @@ class _Recorder:
 
     @torch.no_grad()
     def record_gradients(self, optimizer: Optimizer, clipped: Iterable[Tensor]) -> None:
-        """The global gradient norms of ``optimizer``'s parameters and of the ``clipped`` ones."""
-        params = {p: None for group in optimizer.param_groups for p in group["params"]}
-        self.gradients = {
+        """The global gradient norms of ``optimizer``'s parameters and of the ``clipped`` ones.
+
+        A second optimizer of the same step (manual optimisation) adds its gradients: the
+        norms are over the parameters of every optimizer that stepped.
+        """
+        params = dict.fromkeys(params_of(optimizer))
+        norms = {
             "norm/grad/global": _global_norm(p.grad for p in params),
             "norm/grad/global_clipped_params": _global_norm(p.grad for p in clipped),
         }
+        if self.gradients is not None:
+            norms = {key: torch.hypot(self.gradients[key], norm) for key, norm in norms.items()}
+        self.gradients = norms
 
     @torch.no_grad()
     def collect(
@@ -369,7 +378,10 @@ class NormMonitor(Callback):
     """Trainer callback: log norms and low-precision health every N steps (see module doc).
 
     ``Trainer(callbacks=[NormMonitor()])``; the tags go to every logger of the Trainer
-    (TensorBoard by default), at ``step = trainer.global_step``. For Fabric and LitGPT use
+    (TensorBoard by default), at ``step`` = the batches that stepped the optimizers so far,
+    this one included (Lightning's loggers' step counter; ``trainer.global_step`` with one
+    optimizer in automatic optimisation, half of it with two in manual optimisation). The
+    gradient norms are over every optimizer that stepped. For Fabric and LitGPT use
     :class:`FabricNormMonitor` (Fabric calls any method named like a hook, so one class cannot
     serve both).
 
@@ -408,7 +420,7 @@ class NormMonitor(Callback):
         self._recorder.watch(pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._arm_if_next_logs(trainer)
+        self._arm_if_next_logs(trainer, _stepping_batches(trainer))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -425,14 +437,14 @@ class NormMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        step = trainer.global_step
+        step = _stepping_batches(trainer, this_one=True)
         if self._recorder.armed and step >= self._armed_step:
             scalars, histograms = self._recorder.collect(trainer.optimizers)
             for logger in trainer.loggers:
                 logger.log_metrics(scalars, step=step)
             _write_histograms(trainer.loggers, histograms, step)
         if not self._recorder.armed:
-            self._arm_if_next_logs(trainer)
+            self._arm_if_next_logs(trainer, step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._recorder.disarm()
@@ -442,10 +454,20 @@ class NormMonitor(Callback):
     ) -> None:
         self._recorder.disarm()
 
-    def _arm_if_next_logs(self, trainer: pl.Trainer) -> None:
-        if trainer.is_global_zero and self._recorder.logs_at(trainer.global_step + 1):
+    def _arm_if_next_logs(self, trainer: pl.Trainer, step: int) -> None:
+        if trainer.is_global_zero and self._recorder.logs_at(step + 1):
             self._recorder.arm()
-            self._armed_step = trainer.global_step + 1
+            self._armed_step = step + 1
+
+
+def _stepping_batches(trainer: pl.Trainer, this_one: bool = False) -> int:
+    """The Trainer's step count that its loggers use: batches that stepped the optimizers
+    (``fit_loop.epoch_loop._batches_that_stepped``), one per batch however many optimizers
+    step in it; with ``this_one`` (at ``on_train_batch_end``) counting the current batch if
+    it steps, which the loop adds only after the hook."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    stepped = epoch_loop._batches_that_stepped
+    return stepped + 1 if this_one and not epoch_loop._should_accumulate() else stepped
 
 
 class FabricNormMonitor:

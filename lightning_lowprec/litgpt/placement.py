@@ -1,7 +1,8 @@
 """Where learnable multipliers go in a litgpt ``GPT`` (arXiv 2601.04890's placements).
 
-:func:`~lightning_lowprec.multipliers.add_multipliers` calls :func:`litgpt_placement` for the
-named placements whenever the module holds a litgpt ``GPT``. The layers are found by litgpt's
+:func:`~lightning_lowprec.multipliers.add_multipliers` asks :func:`litgpt_placement` (registered
+as a placement preset, :mod:`~lightning_lowprec.multiplier_spec`) for the named placements;
+it answers for every module that holds a litgpt ``GPT``. The layers are found by litgpt's
 classes, not by names, so every architecture litgpt builds from these blocks is covered:
 
 =============================  ===========  ===============  ========
@@ -32,19 +33,25 @@ expert by expert; their router and multi-head-latent-attention layers get nothin
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
-from lightning_lowprec.multipliers import PLACEMENTS, MultiplierSpec
+from lightning_lowprec.multiplier_spec import (
+    NONE,
+    PLACEMENTS,
+    ROW,
+    ROW_COLUMN,
+    SCALAR,
+    MultiplierSpec,
+    register_placement,
+)
 
 __all__ = ["litgpt_placement"]
 
-_ROW_COLUMN = MultiplierSpec(row=True, column=True)
-_ROW = MultiplierSpec(row=True)
-_NONE = MultiplierSpec()
-_SCALAR = MultiplierSpec(scalar=True)
 
-
-def litgpt_placement(model: nn.Module, placement: str) -> dict[str, MultiplierSpec]:
+@register_placement
+def litgpt_placement(model: nn.Module, placement: str) -> dict[str, MultiplierSpec] | None:
     """The layers of every litgpt ``GPT`` inside ``model`` and their multipliers.
 
     Args:
@@ -52,11 +59,18 @@ def litgpt_placement(model: nn.Module, placement: str) -> dict[str, MultiplierSp
         placement: ``"paper"``, ``"symmetry_free"`` or ``"scalar"`` (see the module doc).
 
     Returns:
-        Qualified layer name -> spec, including layers that get none (an empty spec).
+        Qualified layer name -> spec, including layers that get none (an empty spec);
+        ``None`` when ``model`` holds no litgpt ``GPT`` (another preset or the generic rule
+        applies).
 
     Raises:
         ValueError: an unknown placement name.
     """
+    # A litgpt GPT exists only if litgpt.model was imported: checking sys.modules keeps litgpt
+    # an optional dependency and spares other users its import time.
+    litgpt_model = sys.modules.get("litgpt.model")
+    if litgpt_model is None or not any(isinstance(m, litgpt_model.GPT) for m in model.modules()):
+        return None
     from litgpt.model import GPT, CausalSelfAttention, GptNeoxMLP, LLaMAMLP
 
     if placement not in PLACEMENTS:
@@ -66,17 +80,17 @@ def litgpt_placement(model: nn.Module, placement: str) -> dict[str, MultiplierSp
     targets: dict[str, MultiplierSpec] = {}
     for name, module in model.named_modules():
         if isinstance(module, GPT):
-            symmetry_free = {"transformer.wte": _ROW_COLUMN}
+            symmetry_free = {"transformer.wte": ROW_COLUMN}
         elif isinstance(module, CausalSelfAttention):
             query_rows = module.config.n_head * module.config.head_size
-            symmetry_free = {"qkv": MultiplierSpec(row=query_rows), "proj": _ROW_COLUMN}
+            symmetry_free = {"qkv": MultiplierSpec(row=query_rows), "proj": ROW_COLUMN}
         elif isinstance(module, GptNeoxMLP):
-            symmetry_free = {"fc": _ROW, "proj": _ROW_COLUMN}
+            symmetry_free = {"fc": ROW, "proj": ROW_COLUMN}
         elif isinstance(module, LLaMAMLP):  # GemmaMLP and MoE experts too
-            symmetry_free = {"fc_1": _ROW, "fc_2": _NONE, "proj": _ROW_COLUMN}
+            symmetry_free = {"fc_1": ROW, "fc_2": NONE, "proj": ROW_COLUMN}
         else:
             continue
         for child, symmetry_free_spec in symmetry_free.items():
-            spec = {"paper": _ROW_COLUMN, "scalar": _SCALAR}.get(placement, symmetry_free_spec)
+            spec = {"paper": ROW_COLUMN, "scalar": SCALAR}.get(placement, symmetry_free_spec)
             targets[f"{name}.{child}" if name else child] = spec
     return targets

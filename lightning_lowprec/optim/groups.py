@@ -29,7 +29,10 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["GROUP_NAMES", "MULTIPLIER_ATTR", "is_multiplier", "mark_multiplier", "param_groups"]
+__all__ = [
+    "GROUP_NAMES", "MULTIPLIER_ATTR", "is_multiplier", "mark_multiplier", "param_groups",
+    "without_multipliers",
+]
 
 MULTIPLIER_ATTR = "_lowprec_multiplier"
 """Name of the attribute (set to ``True``) that marks a parameter as a learnable multiplier."""
@@ -45,6 +48,11 @@ class _MultiplierParameter(nn.Parameter):
 def is_multiplier(p: Tensor) -> bool:
     """Whether ``p`` is marked as a learnable multiplier."""
     return isinstance(p, _MultiplierParameter) or bool(getattr(p, MULTIPLIER_ATTR, False))
+
+
+def without_multipliers(params: Iterable[Tensor]) -> list[Tensor]:
+    """``params`` without the learnable multipliers: what gradient clipping clips."""
+    return [p for p in params if not is_multiplier(p)]
 
 
 def mark_multiplier(p: nn.Parameter) -> nn.Parameter:
