@@ -15,7 +15,7 @@ parameters at rest; see :class:`LowPrecision`, "Posterior sampling".
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal
 
@@ -31,9 +31,12 @@ from torch.optim import Optimizer
 from lightning_lowprec.formats import Format
 from lightning_lowprec.nn import (
     DEFAULT_EXCLUDE,
+    FormatMap,
+    _check_mapping_alone,
     _check_patterns,
     _check_rounding,
     _resolve_formats,
+    check_format_map,
     quantize_linears,
 )
 from lightning_lowprec.optim.groups import is_multiplier
@@ -107,7 +110,9 @@ class LowPrecision(FabricMixedPrecision):
     Args:
         fmt: the format of every quantized operand, e.g. ``"mxfp6_e2m3"``; the names are in
             :data:`lightning_lowprec.FORMATS`. ``None`` with no per-operand format quantizes
-            nothing: the plugin then only does posterior sampling.
+            nothing: the plugin then only does posterior sampling. A mapping
+            ``{pattern: format}`` (:data:`~lightning_lowprec.nn.FormatMap`) gives each layer
+            its own format, e.g. from :func:`~lightning_lowprec.policy.recommend_formats`.
         w_fmt, a_fmt, g_fmt: per-operand formats overriding ``fmt`` (weights, input
             activations, output gradients; ``g_fmt`` only with ``quantize_backward=True``).
         include: module-name patterns of the Linear layers to quantize (``None``: all).
@@ -148,7 +153,7 @@ class LowPrecision(FabricMixedPrecision):
 
     def __init__(
         self,
-        fmt: str | Format | None = None,
+        fmt: str | Format | FormatMap | None = None,
         *,
         w_fmt: str | Format | None = None,
         a_fmt: str | Format | None = None,
@@ -165,7 +170,11 @@ class LowPrecision(FabricMixedPrecision):
         self.w_fmt: Format | None
         self.a_fmt: Format | None
         self.g_fmt: Format | None
-        if fmt is None and w_fmt is None and a_fmt is None and g_fmt is None:
+        self.fmt_map = None if not isinstance(fmt, Mapping) else check_format_map(fmt)
+        if self.fmt_map is not None:
+            _check_mapping_alone(w_fmt, a_fmt, g_fmt)
+            self.w_fmt = self.a_fmt = self.g_fmt = None
+        elif fmt is None and w_fmt is None and a_fmt is None and g_fmt is None:
             if include is not None or quantize_backward:
                 raise ValueError(
                     "include and quantize_backward select what to quantize: pass fmt too (with "
@@ -237,9 +246,10 @@ class LowPrecision(FabricMixedPrecision):
         """
         if self.param_dtype is not None:
             module.to(dtype=self._desired_input_dtype)
-        if self.w_fmt is not None:
+        if self.w_fmt is not None or self.fmt_map is not None:
             quantize_linears(
                 module,
+                self.fmt_map,  # None: the per-operand formats below
                 w_fmt=self.w_fmt,
                 a_fmt=self.a_fmt,
                 g_fmt=self.g_fmt,
@@ -396,6 +406,9 @@ class LowPrecision(FabricMixedPrecision):
     def state_dict(self) -> dict[str, Any]:
         """The settings, as plain Python values (checkpoints load with ``weights_only=True``)."""
         return {
+            "fmt_map": None if self.fmt_map is None else {
+                pattern: None if f is None else f.name for pattern, f in self.fmt_map.items()
+            },
             "w_fmt": None if self.w_fmt is None else self.w_fmt.name,
             "a_fmt": None if self.a_fmt is None else self.a_fmt.name,
             "g_fmt": None if self.g_fmt is None else self.g_fmt.name,
@@ -430,7 +443,9 @@ class LowPrecision(FabricMixedPrecision):
         """The constructor call that makes this plugin, with the defaults left out."""
         formats = {"w_fmt": self.w_fmt, "a_fmt": self.a_fmt, "g_fmt": self.g_fmt}
         formats = {key: fmt.name for key, fmt in formats.items() if fmt is not None}
-        if len(set(formats.values())) == 1:
+        if self.fmt_map is not None:
+            args = [repr(self.state_dict()["fmt_map"])]
+        elif len(set(formats.values())) == 1:
             args = [repr(self.w_fmt.name)]
         else:
             args = [f"{key}={name!r}" for key, name in formats.items()]

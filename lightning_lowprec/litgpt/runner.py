@@ -6,6 +6,7 @@
     lowprec-litgpt finetune_lora CHECKPOINT_DIR --config recipes/finetune_lora-mplusadam-bf16.yaml
     lowprec-litgpt pretrain --config recipes/pretrain-lmd-mxfp4-multipliers.yaml
     lowprec-litgpt make_default [DIR]    # the built-in default: model, tokenizer, datasets
+    lowprec-litgpt export_mx out/finetune/final  # packed MX weights beside the checkpoint
 
 The arguments are exactly litgpt's (``litgpt finetune_full --help``), plus a ``lowprec:``
 section in the YAML and ``--lowprec.KEY VALUE`` overrides (see
@@ -71,6 +72,7 @@ _USAGE = (
     "usage: lowprec-litgpt {finetune_full,finetune_lora,pretrain} [litgpt arguments] "
     "[--config RECIPE.yaml] [--lowprec.KEY VALUE ...]\n"
     "       lowprec-litgpt make_default [DIR]\n"
+    "       lowprec-litgpt export_mx CHECKPOINT_DIR [--fmt FMT]\n"
     "Runs litgpt's own recipe with lightning-lowprec's plugin, optimizer and callbacks; "
     "see `litgpt <command> --help` for litgpt's arguments."
 )
@@ -89,6 +91,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         paths = make_default(*args[:1])
         print(json.dumps({name: str(path) for name, path in paths.items()}, indent=1))
+        return
+    if command == "export_mx":
+        from lightning_lowprec.litgpt.export import main as export_main
+
+        export_main(args)
         return
     if command not in COMMANDS:
         sys.exit(f"Unknown command {command!r}.\n{_USAGE}")
