@@ -44,7 +44,8 @@ from lightning_lowprec.nn import (
     FormatMap,
     QuantizedLinear,
     _check_patterns,
-    _matches,
+    _is_selected,
+    _mapped_format,
     check_format_map,
     layer_formats,
 )
@@ -424,11 +425,9 @@ def _state_dict_weight_formats(
         module, _, leaf = key.rpartition(".")
         if leaf != "weight" or value.ndim != 2 or not value.is_floating_point():
             continue
-        if include_patterns is not None and not _matches(module, include_patterns):
+        if not _is_selected(module, include_patterns, exclude_patterns):
             continue
-        if _matches(module, exclude_patterns):
-            continue
-        f = next((f for pattern, f in fmt_map.items() if _matches(module, (pattern,))), None)
+        f = _mapped_format(module, fmt_map)
         if f is not None:
             formats[key] = f
     if not formats:

@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 from lightning_lowprec.formats import Format, parse
 from lightning_lowprec.quantize import ROUNDING_MODES, Rounding, quantize, quantize_ste
 
-__all__ = ["FormatMap", "QuantizedLinear", "layer_formats", "quantize_linears"]
+__all__ = ["FormatMap", "QuantizedLinear", "check_format_map", "layer_formats", "quantize_linears"]
 
 FormatMap = Mapping[str, "str | Format | None"]
 """Per-layer formats: ``{module-name pattern: format}``; ``None`` keeps the layers it matches in
@@ -284,11 +284,7 @@ def layer_formats(
         return dict.fromkeys(selected, parse(fmt))
     fmt_map = check_format_map(fmt)
     linears, selected = _select(model, include, exclude, _stacklevel + 1, extra=tuple(fmt_map))
-    per_layer = {}
-    for name in selected:
-        f = next((f for pattern, f in fmt_map.items() if _matches(name, (pattern,))), None)
-        if f is not None:
-            per_layer[name] = f
+    per_layer = {name: f for name in selected if (f := _mapped_format(name, fmt_map)) is not None}
     if not per_layer:
         raise ValueError(
             f"The format mapping {dict(fmt)!r} quantizes no Linear layer of "
@@ -314,6 +310,12 @@ def check_format_map(fmt: FormatMap) -> dict[str, Format | None]:
             )
         out[pattern] = None if f is None else parse(f)
     return out
+
+
+def _mapped_format(name: str, fmt_map: Mapping[str, Format | None]) -> Format | None:
+    """The format a checked :data:`FormatMap` gives the module ``name``: that of the first
+    pattern matching it (``None``: no pattern, or a ``None`` entry)."""
+    return next((f for pattern, f in fmt_map.items() if _matches(name, (pattern,))), None)
 
 
 def _configure(
@@ -365,8 +367,7 @@ def _select(
     selected = [
         name
         for name in linears
-        if (include_patterns is None or _matches(name, include_patterns))
-        and not _matches(name, exclude_patterns)
+        if _is_selected(name, include_patterns, exclude_patterns)
     ]
     if not selected:
         raise ValueError(
@@ -456,6 +457,13 @@ def _check_patterns(arg: str, patterns: str | Sequence[str] | None) -> tuple[str
                 f"{arg} must be module-name patterns (strings), got {pattern!r} in {patterns!r}."
             )
     return patterns
+
+
+def _is_selected(
+    name: str, include: tuple[str, ...] | None, exclude: tuple[str, ...]
+) -> bool:
+    """Whether checked ``include``/``exclude`` patterns select the module ``name``."""
+    return (include is None or _matches(name, include)) and not _matches(name, exclude)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
