@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +204,49 @@ def test_lowprec_litgpt_export_mx_writes_beside_the_checkpoint(tmp_path, capsys)
     assert summary["bytes"] < summary["source_bytes"]
     main(["export_mx", str(directory), "--fmt", "{mlp: mxfp8_e4m3}"])
     assert json.loads(capsys.readouterr().out)["formats"] == {"mxfp8_e4m3": 2}
+
+
+@pytest.mark.slow
+def test_runner_trains_with_a_per_layer_mapping_and_exports_it_exactly(tmp_path, capsys):
+    """lowprec.fmt as a mapping through a real lowprec-litgpt fine-tune, recorded in
+    lowprec.yaml, exported by `lowprec-litgpt export_mx` with the recorded formats."""
+    import yaml
+    from litgpt import GPT, Config
+
+    from lightning_lowprec.litgpt.checkpoint import make_default
+    from lightning_lowprec.litgpt.export import EXPORT_FILE
+    from lightning_lowprec.litgpt.runner import main, run
+
+    default = make_default(tmp_path / "default")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "finetune_full-lmd-mxfp6.yaml"
+    out = tmp_path / "out"
+    mapping = {"attn": "mxfp8_e4m3", "*": "mxfp4_e2m1"}
+    run("finetune_full", [
+        str(default["checkpoint"]), "--config", str(recipe), "--out_dir", str(out),
+        "--data.json_path", str(default["instructions"]), "--train.max_steps", "2",
+        "--train.lr_warmup_steps", "1", "--eval.interval", "1000", "--eval.max_iters", "1",
+        "--eval.max_new_tokens", "2", "--lowprec.progress_bar", "false",
+        "--lowprec.monitor", "null", "--lowprec.fmt", json.dumps(mapping),
+    ])
+    final = out / "final"
+    assert yaml.safe_load((final / "lowprec.yaml").read_text())["lowprec"]["fmt"] == mapping
+    capsys.readouterr()  # litgpt's own prints
+    main(["export_mx", str(final)])
+    assert json.loads(capsys.readouterr().out)["formats"] == {
+        "mxfp8_e4m3": 12, "mxfp4_e2m1": 12}
+    model = GPT(Config.from_file(final / "model_config.yaml"))
+    model.load_state_dict(torch.load(final / "lit_model.pth", weights_only=True)["model"])
+    quantize_linears(model, mapping)
+    loaded = load_mx(final / EXPORT_FILE, GPT(Config.from_file(final / "model_config.yaml")),
+                     dequantize=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens()), model(tokens()))
+
+
+def test_parametrized_weights_must_be_merged_first(tmp_path):
+    from lightning_lowprec.multipliers import add_multipliers
+
+    gpt = make_gpt()
+    add_multipliers(gpt, placement="paper")
+    with pytest.raises(ValueError, match="merge them first"):
+        export_mx(gpt, "mxfp6_e2m3", tmp_path / "m.safetensors")
