@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -111,9 +113,11 @@ def export_mx(
         entry = {"dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape)}
         f = formats.get(name)
         if f is None:
-            # safetensors refuses tensors that share memory (tied weights): give each its own.
-            shared = value.untyped_storage().data_ptr() in seen
-            seen.add(value.untyped_storage().data_ptr())
+            # safetensors refuses tensors that share memory (tied weights, views of a larger
+            # buffer): those get their own copy.
+            storage = value.untyped_storage()
+            shared = storage.data_ptr() in seen or storage.nbytes() != value.nbytes
+            seen.add(storage.data_ptr())
             tensors[name] = value.clone() if shared else value.contiguous()
             entries[name] = {"format": None, **entry}
             continue
@@ -121,8 +125,6 @@ def export_mx(
         tensors[name + _CODES], tensors[name + _SCALES] = codes, scales
         entries[name] = {"format": f.name, **entry}
     metadata = {METADATA_KEY: json.dumps({"version": FORMAT_VERSION, "tensors": entries})}
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
@@ -152,17 +154,22 @@ def load_mx(
         The state dict (``model=None``) or ``model``, loaded (``strict``).
 
     Raises:
-        ValueError: not an export of this package, or ``dequantize=False`` without a model.
+        ValueError: not an export of this package (or of a newer one), or
+            ``dequantize=False`` without a model.
     """
     if not dequantize and model is None:
         raise ValueError("load_mx(..., dequantize=False) keeps packed layers: pass the model.")
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt", device=str(device)) as file:
         raw = (file.metadata() or {}).get(METADATA_KEY)
         if raw is None:
             raise ValueError(f"{path} has no {METADATA_KEY!r} metadata: not written by export_mx.")
-        entries = json.loads(raw)["tensors"]
+        header = json.loads(raw)
+        if header.get("version", 0) > FORMAT_VERSION:
+            raise ValueError(
+                f"{path} was written in export format {header['version']}; this version of "
+                f"lightning-lowprec reads up to {FORMAT_VERSION}."
+            )
+        entries = header["tensors"]
         stored = {key: file.get_tensor(key) for key in file.keys()}
     state: dict[str, Tensor] = {}
     packed: dict[str, tuple[Tensor, Tensor, Format, torch.Size, torch.dtype]] = {}

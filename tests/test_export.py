@@ -250,3 +250,15 @@ def test_parametrized_weights_must_be_merged_first(tmp_path):
     add_multipliers(gpt, placement="paper")
     with pytest.raises(ValueError, match="merge them first"):
         export_mx(gpt, "mxfp6_e2m3", tmp_path / "m.safetensors")
+
+
+def test_tied_unquantized_tensors_are_stored_and_loaded(tmp_path):
+    model = nn.ModuleDict({"emb": nn.Embedding(64, 32), "head": nn.Linear(32, 64, bias=False),
+                           "body": nn.Linear(32, 32)})
+    model["head"].weight = model["emb"].weight  # tied, as in GPT-2-style models
+    formats = export_mx(model, "mxfp4_e2m1", tmp_path / "m.safetensors", exclude="head")
+    assert formats == {"body.weight": "mxfp4_e2m1"}
+    state = load_mx(tmp_path / "m.safetensors")
+    assert torch.equal(state["head.weight"], model["emb"].weight)
+    assert torch.equal(state["emb.weight"], model["emb"].weight)
+    assert torch.equal(state["body.weight"], quantize(model["body"].weight, "mxfp4_e2m1"))
