@@ -17,7 +17,7 @@ model and the ``state_dict`` does not change. The Lightning plugins in
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 
 import torch
@@ -29,7 +29,12 @@ from lightning_lowprec.formats import Format, parse
 from lightning_lowprec.quantize import ROUNDING_MODES, Rounding, quantize, quantize_ste
 from lightning_lowprec.scaled_mm import Backend, check_backend, scaled_mm_linear, use_scaled_mm
 
-__all__ = ["QuantizedLinear", "quantize_linears"]
+__all__ = ["FormatMap", "QuantizedLinear", "check_format_map", "layer_formats", "quantize_linears"]
+
+FormatMap = Mapping[str, "str | Format | None"]
+"""Per-layer formats: ``{module-name pattern: format}``; ``None`` keeps the layers it matches in
+full precision. A layer takes the format of the first pattern (in mapping order) that matches
+it; a layer no pattern matches is not quantized."""
 
 DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head",)
 """Layers left in full precision by default: the LM head, as FP8/MX recipes commonly do."""
@@ -209,7 +214,7 @@ class _QuantizedLinearFunction(torch.autograd.Function):
 
 def quantize_linears(
     model: nn.Module,
-    fmt: str | Format | None = None,
+    fmt: str | Format | FormatMap | None = None,
     *,
     w_fmt: str | Format | None = None,
     a_fmt: str | Format | None = None,
@@ -244,7 +249,10 @@ def quantize_linears(
     Args:
         model: any ``nn.Module``.
         fmt, w_fmt, a_fmt, g_fmt, quantize_backward, rounding, backend: as for
-            :class:`QuantizedLinear`.
+            :class:`QuantizedLinear`;
+            ``fmt`` may also be a :data:`FormatMap` ``{pattern: format}`` giving each layer its
+            own format (for all its operands; not combined with ``w_fmt``/``a_fmt``/``g_fmt``),
+            e.g. what :func:`lightning_lowprec.policy.recommend_formats` returns.
         include: patterns of the layers to quantize; ``None`` selects every Linear.
         exclude: patterns of the layers to leave alone; applied after ``include``. The default
             leaves a language model's head (``lm_head``) in full precision.
@@ -260,9 +268,114 @@ def quantize_linears(
         UserWarning: for each pattern in ``include`` or ``exclude`` that matches no Linear
             (except the default ``exclude``, which many models have no match for).
     """
-    formats = _resolve_formats(fmt, w_fmt, a_fmt, g_fmt, quantize_backward)
     rounding = _check_rounding(rounding)
+    if isinstance(fmt, Mapping):
+        _check_mapping_alone(w_fmt, a_fmt, g_fmt)
+        _check_quantize_backward(quantize_backward)
+        per_layer = layer_formats(model, fmt, include=include, exclude=exclude, _stacklevel=3)
+        layers = dict(model.named_modules())
+        checked = {f: check_backend(backend, f, f, f if quantize_backward else None)
+                   for f in set(per_layer.values())}
+        for name, f in per_layer.items():
+            _configure(layers[name], (f, f, f if quantize_backward else None),
+                       quantize_backward, rounding, checked[f])
+        return list(per_layer)
+    formats = _resolve_formats(fmt, w_fmt, a_fmt, g_fmt, quantize_backward)
     backend = check_backend(backend, *formats)
+    linears, selected = _select(model, include, exclude, stacklevel=3)
+    for name in selected:
+        _configure(linears[name], formats, quantize_backward, rounding, backend)
+    return selected
+
+
+def layer_formats(
+    model: nn.Module,
+    fmt: str | Format | FormatMap,
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE,
+    _stacklevel: int = 2,
+) -> dict[str, Format]:
+    """The weight format each Linear layer of ``model`` gets from ``quantize_linears(model,
+    fmt, include=..., exclude=...)``, by qualified name, in module order.
+
+    One function decides it, so that quantizing, exporting (:func:`lightning_lowprec.export.
+    export_mx`) and the format policy agree on which layer has which format.
+
+    Raises:
+        ValueError: an unknown format or a malformed mapping, or no layer selected.
+
+    Warns:
+        UserWarning: for each pattern (of ``include``, a non-default ``exclude``, or the
+            mapping) that matches no Linear layer.
+    """
+    if not isinstance(fmt, Mapping):
+        _, selected = _select(model, include, exclude, _stacklevel + 1)
+        return dict.fromkeys(selected, parse(fmt))
+    fmt_map = check_format_map(fmt)
+    linears, selected = _select(model, include, exclude, _stacklevel + 1, extra=tuple(fmt_map))
+    per_layer = {name: f for name in selected if (f := _mapped_format(name, fmt_map)) is not None}
+    if not per_layer:
+        raise ValueError(
+            f"The format mapping {dict(fmt)!r} quantizes no Linear layer of "
+            f"{type(model).__name__}. Linear layers: {_listing(linears)}."
+        )
+    return per_layer
+
+
+def check_format_map(fmt: FormatMap) -> dict[str, Format | None]:
+    """Validate a :data:`FormatMap`; return it with every format parsed.
+
+    Raises:
+        ValueError: an empty mapping, a pattern that is not a string, or an unknown format.
+    """
+    if not fmt:
+        raise ValueError("A per-layer fmt mapping needs at least one 'pattern: format' entry.")
+    out: dict[str, Format | None] = {}
+    for pattern, f in fmt.items():
+        if not isinstance(pattern, str):
+            raise ValueError(
+                f"The keys of a per-layer fmt mapping are module-name patterns (strings), got "
+                f"{pattern!r}."
+            )
+        out[pattern] = None if f is None else parse(f)
+    return out
+
+
+def _mapped_format(name: str, fmt_map: Mapping[str, Format | None]) -> Format | None:
+    """The format a checked :data:`FormatMap` gives the module ``name``: that of the first
+    pattern matching it (``None``: no pattern, or a ``None`` entry)."""
+    return next((f for pattern, f in fmt_map.items() if _matches(name, (pattern,))), None)
+
+
+def _configure(
+    layer: nn.Module,
+    formats: tuple[Format, Format, Format | None],
+    quantize_backward: bool,
+    rounding: Rounding,
+    backend: Backend,
+) -> None:
+    """Make ``layer`` (an ``nn.Linear`` or ``QuantizedLinear``) quantize with these settings."""
+    if not isinstance(layer, QuantizedLinear):
+        layer.__class__ = _quantized_class(type(layer))
+    layer._configure(*formats, quantize_backward, rounding, backend)
+
+
+def _select(
+    model: nn.Module,
+    include: str | Sequence[str] | None,
+    exclude: str | Sequence[str] | None,
+    stacklevel: int,
+    extra: tuple[str, ...] = (),
+) -> tuple[dict[str, nn.Module], list[str]]:
+    """The model's Linear layers by name and the names ``include``/``exclude`` select.
+
+    Warns (at ``stacklevel``) for every pattern of ``include``, a non-default ``exclude`` and
+    ``extra`` that matches no Linear layer.
+
+    Raises:
+        ValueError: a pattern that is not a string, or no layer selected.
+    """
     include_patterns = _check_patterns("include", include)
     exclude_patterns = _check_patterns("exclude", exclude)
 
@@ -274,31 +387,25 @@ def quantize_linears(
     checked = list(include_patterns or ())
     if exclude_patterns != DEFAULT_EXCLUDE:
         checked += exclude_patterns
-    for pattern in checked:
+    for pattern in [*checked, *extra]:
         if not any(_matches(name, (pattern,)) for name in linears):
             warnings.warn(
                 f"The module-name pattern {pattern!r} matches no Linear layer of "
                 f"{type(model).__name__}; Linear layers: {_listing(linears)}.",
-                stacklevel=2,
+                stacklevel=stacklevel,
             )
 
     selected = [
         name
         for name in linears
-        if (include_patterns is None or _matches(name, include_patterns))
-        and not _matches(name, exclude_patterns)
+        if _is_selected(name, include_patterns, exclude_patterns)
     ]
     if not selected:
         raise ValueError(
             f"No Linear layer of {type(model).__name__} is selected for quantization "
             f"(include={include!r}, exclude={exclude!r}). Linear layers: {_listing(linears)}."
         )
-    for name in selected:
-        layer = linears[name]
-        if not isinstance(layer, QuantizedLinear):
-            layer.__class__ = _quantized_class(type(layer))
-        layer._configure(*formats, quantize_backward, rounding, backend)
-    return selected
+    return linears, selected
 
 
 def _layer_class(module: nn.Module) -> type:
@@ -329,8 +436,7 @@ def _resolve_formats(
     quantize_backward: bool,
 ) -> tuple[Format, Format, Format | None]:
     """Validate the format arguments; return (weight, activation, gradient or None) formats."""
-    if not isinstance(quantize_backward, bool):
-        raise ValueError(f"quantize_backward must be True or False, got {quantize_backward!r}.")
+    _check_quantize_backward(quantize_backward)
     if g_fmt is not None and not quantize_backward:
         raise ValueError(
             f"g_fmt={g_fmt!r} only applies with quantize_backward=True: the default backward "
@@ -345,6 +451,20 @@ def _resolve_formats(
             "(and g_fmt with quantize_backward=True)."
         )
     return parse(w_fmt), parse(a_fmt), None if g_fmt is None else parse(g_fmt)
+
+
+def _check_mapping_alone(*operand_formats: str | Format | None) -> None:
+    """A per-layer mapping is each layer's one ``fmt``: refuse per-operand formats beside it."""
+    if any(f is not None for f in operand_formats):
+        raise ValueError(
+            "A per-layer fmt mapping gives each layer one format for all its operands; pass "
+            f"no w_fmt/a_fmt/g_fmt with it (got {', '.join(map(repr, operand_formats))})."
+        )
+
+
+def _check_quantize_backward(quantize_backward: bool) -> None:
+    if not isinstance(quantize_backward, bool):
+        raise ValueError(f"quantize_backward must be True or False, got {quantize_backward!r}.")
 
 
 def _check_rounding(rounding: str) -> Rounding:
@@ -368,6 +488,13 @@ def _check_patterns(arg: str, patterns: str | Sequence[str] | None) -> tuple[str
                 f"{arg} must be module-name patterns (strings), got {pattern!r} in {patterns!r}."
             )
     return patterns
+
+
+def _is_selected(
+    name: str, include: tuple[str, ...] | None, exclude: tuple[str, ...]
+) -> bool:
+    """Whether checked ``include``/``exclude`` patterns select the module ``name``."""
+    return (include is None or _matches(name, include)) and not _matches(name, exclude)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:

@@ -14,7 +14,7 @@ parameters at rest; see :class:`LowPrecision`, "Posterior sampling".
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal
 
@@ -37,9 +37,12 @@ from lightning_lowprec.linear_like import (
 )
 from lightning_lowprec.nn import (
     DEFAULT_EXCLUDE,
+    FormatMap,
+    _check_mapping_alone,
     _check_patterns,
     _check_rounding,
     _resolve_formats,
+    check_format_map,
     quantize_linears,
 )
 from lightning_lowprec.optim.groups import without_multipliers
@@ -121,7 +124,9 @@ class LowPrecision(FabricPrecision):
     Args:
         fmt: the format of every quantized operand, e.g. ``"mxfp6_e2m3"``; the names are in
             :data:`lightning_lowprec.FORMATS`. ``None`` with no per-operand format quantizes
-            nothing: the plugin then only does posterior sampling.
+            nothing: the plugin then only does posterior sampling. A mapping
+            ``{pattern: format}`` (:data:`~lightning_lowprec.nn.FormatMap`) gives each layer
+            its own format, e.g. from :func:`~lightning_lowprec.policy.recommend_formats`.
         w_fmt: the weights' format, overriding ``fmt``.
         a_fmt: the input activations' format, overriding ``fmt``.
         g_fmt: the output gradients' format, overriding ``fmt``; only with
@@ -167,7 +172,7 @@ class LowPrecision(FabricPrecision):
 
     def __init__(
         self,
-        fmt: str | Format | None = None,
+        fmt: str | Format | FormatMap | None = None,
         *,
         w_fmt: str | Format | None = None,
         a_fmt: str | Format | None = None,
@@ -185,7 +190,11 @@ class LowPrecision(FabricPrecision):
         self.w_fmt: Format | None
         self.a_fmt: Format | None
         self.g_fmt: Format | None
-        if fmt is None and w_fmt is None and a_fmt is None and g_fmt is None:
+        self.fmt_map = None if not isinstance(fmt, Mapping) else check_format_map(fmt)
+        if self.fmt_map is not None:
+            _check_mapping_alone(w_fmt, a_fmt, g_fmt)
+            self.w_fmt = self.a_fmt = self.g_fmt = None
+        elif fmt is None and w_fmt is None and a_fmt is None and g_fmt is None:
             if include is not None or quantize_backward:
                 raise ValueError(
                     "include and quantize_backward select what to quantize: pass fmt too (with "
@@ -203,6 +212,8 @@ class LowPrecision(FabricPrecision):
         self.quantize_backward = quantize_backward
         self.rounding = _check_rounding(rounding)
         self.backend = check_backend(backend, self.w_fmt, self.a_fmt, self.g_fmt)
+        for f in set((self.fmt_map or {}).values()) - {None}:
+            check_backend(backend, f, f, f if quantize_backward else None)
         if autocast is not None and autocast not in AUTOCAST_MODES:
             raise ValueError(
                 f"Unknown autocast {autocast!r}. Valid values: None, "
@@ -250,6 +261,19 @@ class LowPrecision(FabricPrecision):
         """The dtype and the quantization of ``module``: the one place the formats apply."""
         if self.param_dtype is not None:
             module.to(dtype=torch.bfloat16)
+        if self.fmt_map is not None:
+            quantize_linears(
+                module,
+                self.fmt_map,
+                include=self.include,
+                exclude=self.exclude,
+                quantize_backward=self.quantize_backward,
+                rounding=self.rounding,
+                backend=self.backend,
+            )
+            keep_quantized_paths(module)
+            warn_unquantized(module, self.include, self.exclude)
+            return
         if self.w_fmt is None:
             return
         settings = dict(
@@ -367,6 +391,9 @@ class LowPrecision(FabricPrecision):
     def state_dict(self) -> dict[str, Any]:
         """The settings, as plain Python values (checkpoints load with ``weights_only=True``)."""
         return {
+            "fmt_map": None if self.fmt_map is None else {
+                pattern: None if f is None else f.name for pattern, f in self.fmt_map.items()
+            },
             "w_fmt": None if self.w_fmt is None else self.w_fmt.name,
             "a_fmt": None if self.a_fmt is None else self.a_fmt.name,
             "g_fmt": None if self.g_fmt is None else self.g_fmt.name,
@@ -402,7 +429,9 @@ class LowPrecision(FabricPrecision):
         """The constructor call that makes this plugin, with the defaults left out."""
         formats = {"w_fmt": self.w_fmt, "a_fmt": self.a_fmt, "g_fmt": self.g_fmt}
         formats = {key: fmt.name for key, fmt in formats.items() if fmt is not None}
-        if len(set(formats.values())) == 1:
+        if self.fmt_map is not None:
+            args = [repr(self.state_dict()["fmt_map"])]
+        elif len(set(formats.values())) == 1:
             args = [repr(self.w_fmt.name)]
         else:
             args = [f"{key}={name!r}" for key, name in formats.items()]

@@ -48,7 +48,24 @@ from lightning_lowprec.posterior import (
 )
 from lightning_lowprec.posterior import unwrap as unwrap_optimizer
 
-__all__ = ["PosteriorSampler"]
+__all__ = ["PosteriorSampler", "drawn_by_caller"]
+
+_drawn_by_caller = 0
+"""Depth of :func:`drawn_by_caller` regions: while > 0 the forward hooks leave weights alone."""
+
+
+@contextmanager
+def drawn_by_caller() -> Iterator[None]:
+    """Forwards inside run at whatever the parameters hold: for code that writes posterior
+    draws itself (:func:`~lightning_lowprec.predictive.posterior_predict`), whose evaluation
+    forwards the Fabric forward hook would otherwise restore to the point estimate. The caller
+    restores the point estimate before leaving."""
+    global _drawn_by_caller
+    _drawn_by_caller += 1
+    try:
+        yield
+    finally:
+        _drawn_by_caller -= 1
 
 
 class PosteriorSampler:
@@ -172,6 +189,8 @@ class PosteriorSampler:
     # -- hooks --------------------------------------------------------------------------------
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
+        if _drawn_by_caller:
+            return
         if torch.is_grad_enabled() and module.training:
             self.draw(module)
         else:

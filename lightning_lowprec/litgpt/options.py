@@ -3,7 +3,8 @@
 A recipe is a LitGPT YAML file plus one extra top-level key::
 
     lowprec:
-      fmt: mxfp6_e2m3                 # forward matmul format; null: no quantization
+      fmt: mxfp6_e2m3                 # forward matmul format; null: no quantization;
+                                      # or per layer: {"attn.qkv": mxfp8_e4m3, "*": mxfp4_e2m1}
       optimizer:                      # replaces litgpt's --optimizer, built from named groups
         class_path: lightning_lowprec.LMD
         init_args: {lr: 0.01, sigma: 0.05, weight_decay: 0.1}
@@ -36,7 +37,7 @@ import torch
 
 from lightning_lowprec.formats import FORMATS
 from lightning_lowprec.multipliers import PLACEMENTS
-from lightning_lowprec.nn import DEFAULT_EXCLUDE
+from lightning_lowprec.nn import DEFAULT_EXCLUDE, check_format_map
 from lightning_lowprec.quantize import ROUNDING_MODES
 from lightning_lowprec.scaled_mm import BACKENDS
 
@@ -61,9 +62,11 @@ class LowPrecOptions:
 
     Attributes:
         fmt: format of the quantized forward matmuls (a name from
-            :data:`lightning_lowprec.FORMATS`), or ``None`` for none. With ``finetune_lora``
-            only the frozen base layers are quantized (the ``nn.Linear`` inside litgpt's LoRA
-            layers); the adapters' ``x @ A^T @ B^T`` runs at the run's precision.
+            :data:`lightning_lowprec.FORMATS`), a per-layer mapping ``{pattern: format}``
+            (:data:`lightning_lowprec.nn.FormatMap`, e.g. from ``recommend_formats``), or
+            ``None`` for none. With ``finetune_lora`` only the frozen base layers are quantized
+            (the ``nn.Linear`` inside litgpt's LoRA layers); the adapters' ``x @ A^T @ B^T``
+            runs at the run's precision.
         include: module-name patterns of the Linear layers to quantize (``None``: all).
         exclude: module-name patterns kept in full precision (default: the LM head).
         rounding: ``"even"``, ``"nearest"`` or ``"stochastic"``.
@@ -93,7 +96,7 @@ class LowPrecOptions:
         progress_bar: show a progress bar of the optimizer steps.
     """
 
-    fmt: str | None = None
+    fmt: str | dict[str, str | None] | None = None
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     rounding: str = "even"
@@ -109,7 +112,9 @@ class LowPrecOptions:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        if self.fmt is not None and self.fmt not in FORMATS:
+        if isinstance(self.fmt, Mapping):
+            check_format_map(self.fmt)
+        elif self.fmt is not None and self.fmt not in FORMATS:
             raise ValueError(_choices("fmt", self.fmt, [None, *FORMATS]))
         if self.rounding not in ROUNDING_MODES:
             raise ValueError(_choices("rounding", self.rounding, ROUNDING_MODES))

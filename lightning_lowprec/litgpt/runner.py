@@ -7,6 +7,7 @@
     lowprec-litgpt pretrain --config pretrain-lmd-mxfp4-multipliers
     lowprec-litgpt recipes [NAME]        # list the shipped recipes, or print one
     lowprec-litgpt make_default [DIR]    # the built-in default: model, tokenizer, datasets
+    lowprec-litgpt export_mx out/finetune/final  # packed MX weights beside the checkpoint
 
 The arguments are exactly litgpt's (``litgpt finetune_full --help``), plus a ``lowprec:``
 section in the YAML and ``--lowprec.KEY VALUE`` overrides (see
@@ -92,6 +93,7 @@ _USAGE = (
     "[--config RECIPE] [--lowprec.KEY VALUE ...]\n"
     "       lowprec-litgpt recipes [NAME]\n"
     "       lowprec-litgpt make_default [DIR]\n"
+    "       lowprec-litgpt export_mx CHECKPOINT_DIR [--fmt FMT]\n"
     "Runs litgpt's own recipe with lightning-lowprec's plugin, optimizer and callbacks. "
     "RECIPE: a file, or a shipped recipe's name (lowprec-litgpt recipes). "
     "`lowprec-litgpt <command> --help` lists litgpt's arguments and the lowprec section."
@@ -121,6 +123,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if command == "recipes":
             print(_recipes(args), end="" if args else "\n")
+            return
+        if command == "export_mx":
+            from lightning_lowprec.litgpt.export import main as export_main
+
+            export_main(args)
             return
         if command not in COMMANDS:
             raise ConfigError(f"Unknown command {command!r}.\n{_USAGE}")

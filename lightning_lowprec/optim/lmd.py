@@ -52,6 +52,7 @@ Init = Literal["from_weights", "moment_matched", "abs_pair"]
 INITS: tuple[str, ...] = ("from_weights", "moment_matched", "abs_pair")
 _PURPOSE_SAMPLE = 1
 _PURPOSE_INIT = 2
+_PURPOSE_PREDICT = 3
 _ABS_PAIR_FLOOR = 1e-5
 """The precursor code's floor under ``|w|`` (absolute, as there)."""
 _NOISE_BOUND = 6.0
@@ -368,6 +369,7 @@ class LMD(LowPrecisionOptimizer):
         )
         super().__init__(params, defaults)
         self._sampled: list[Tensor] | None = None
+        self._sampled_draw: int | None = None
         self._drawn = False
         track(self)  # Fabric's plugin finds this optimizer by its parameters
 
@@ -380,13 +382,23 @@ class LMD(LowPrecisionOptimizer):
         return self._sampled is not None
 
     @torch.no_grad()
-    def sample_(self) -> None:
+    def sample_(self, draw: int | None = None) -> None:
         """Write this step's sample ``theta`` into every LMD parameter that requires grad.
 
         Idempotent within a step: the noise depends only on (seed, parameter, step count),
         so calling it again, also after :meth:`restore_`, writes the same values.
+
+        Args:
+            draw: ``None``, the training sample of this step. An integer ``k >= 0``: the
+                ``k``-th predictive draw from the current posterior (for Bayesian model
+                averaging, :func:`~lightning_lowprec.predictive.posterior_predict`): the same
+                formula and noise kind, keyed by (seed, parameter, step, ``k``) apart from the
+                training noise, so draws are independent of each other and of training and
+                reproducible. A predictive draw leaves the next :meth:`step` as it was.
         """
-        if self._sampled is not None:
+        if draw is not None and (not isinstance(draw, int) or draw < 0):
+            raise ValueError(f"draw must be None or an integer >= 0, got {draw!r}.")
+        if self._sampled is not None and self._sampled_draw == draw:
             return
         sampled = []
         for group in self.param_groups:
@@ -396,7 +408,7 @@ class LMD(LowPrecisionOptimizer):
                 state = self._state(p, group)
                 if state["adamw"]:
                     continue
-                keys = self._keys(group, state["index"], state["step"], p.device)
+                keys = self._keys(group, state["index"], state["step"], p.device, draw)
                 lp, ln, noise = state["log_median_pos"], state["log_median_neg"], group["noise"]
                 if group["compiled"]:
                     sigma = torch.tensor(group["sigma"], dtype=torch.float32, device=p.device)
@@ -405,8 +417,9 @@ class LMD(LowPrecisionOptimizer):
                 else:
                     _sample_tensor(p, lp, ln, keys, group["sigma"], noise)
                 sampled.append(p)
-        self._sampled = sampled
-        self._drawn = True
+        self._sampled, self._sampled_draw = sampled, draw
+        if draw is None:
+            self._drawn = True
 
     @torch.no_grad()
     def restore_(self) -> None:
@@ -475,9 +488,16 @@ class LMD(LowPrecisionOptimizer):
     # -- internals --------------------------------------------------------------------------
 
     @staticmethod
-    def _keys(group: dict[str, Any], index: int, step: int, device: torch.device) -> Tensor:
-        """Keys of the sample that update ``step + 1`` of parameter ``index`` follows."""
-        words = derive_keys(group["seed"], index, step, _PURPOSE_SAMPLE)
+    def _keys(
+        group: dict[str, Any], index: int, step: int, device: torch.device,
+        draw: int | None = None,
+    ) -> Tensor:
+        """Keys of the sample that update ``step + 1`` of parameter ``index`` follows (or of
+        predictive draw ``draw`` at that step)."""
+        if draw is None:
+            words = derive_keys(group["seed"], index, step, _PURPOSE_SAMPLE)
+        else:
+            words = derive_keys(group["seed"], index, step, _PURPOSE_PREDICT, draw)
         return torch.tensor(words, dtype=torch.int32, device=device)
 
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
