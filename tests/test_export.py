@@ -215,6 +215,7 @@ def test_runner_trains_with_a_per_layer_mapping_and_exports_it_exactly(tmp_path,
 
     from lightning_lowprec.litgpt.checkpoint import make_default
     from lightning_lowprec.litgpt.export import EXPORT_FILE
+    from lightning_lowprec.litgpt.recipes import tiny_overrides
     from lightning_lowprec.litgpt.runner import main, run
 
     default = make_default(tmp_path / "default")
@@ -222,7 +223,8 @@ def test_runner_trains_with_a_per_layer_mapping_and_exports_it_exactly(tmp_path,
     out = tmp_path / "out"
     mapping = {"attn": "mxfp8_e4m3", "*": "mxfp4_e2m1"}
     run("finetune_full", [
-        str(default["checkpoint"]), "--config", str(recipe), "--out_dir", str(out),
+        str(default["checkpoint"]), "--config", str(recipe),
+        *tiny_overrides("finetune_full-lmd-mxfp6"), "--out_dir", str(out),
         "--data.json_path", str(default["instructions"]), "--train.max_steps", "2",
         "--train.lr_warmup_steps", "1", "--eval.interval", "1000", "--eval.max_iters", "1",
         "--eval.max_new_tokens", "2", "--lowprec.progress_bar", "false",
