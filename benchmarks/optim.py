@@ -1,6 +1,7 @@
 """Optimizer step time and state memory on the parameter shapes of a ~70M LitGPT model.
 
-Compares LMD, M+Adam and Madam (eager ``foreach`` and ``compiled`` paths) against
+Compares LMD, M+Adam and Madam (at their defaults, and on the explicit eager ``foreach`` and
+``compiled`` paths) against
 ``torch.optim.AdamW`` with ``foreach=True`` and ``fused=True``, in one process, as ratios to
 fused AdamW. The shapes come from ``litgpt.Config.from_name(model)`` built on the meta device
 (no download); weights are initialised like LitGPT does (normal 0.02, norm weights 1, biases
@@ -54,16 +55,21 @@ def make_params(shapes, device: torch.device, seed: int = 0) -> list[torch.nn.Pa
 
 
 def candidates() -> dict[str, Callable]:
+    """Every optimizer at its defaults ("default": ``compiled="auto"``, which compiles where
+    ``torch.compile`` works) beside the explicit eager ``foreach`` and ``compiled`` paths."""
     return {
         "AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
         "AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
-        "LMD foreach": lambda ps: LMD(ps, seed=0),
+        "LMD default": lambda ps: LMD(ps, seed=0),
+        "LMD foreach": lambda ps: LMD(ps, seed=0, compiled=False, foreach=True),
         "LMD compiled": lambda ps: LMD(ps, seed=0, compiled=True),
-        "M+Adam foreach": lambda ps: MPlusAdam(ps, seed=0),
+        "M+Adam default": lambda ps: MPlusAdam(ps, seed=0),
+        "M+Adam foreach": lambda ps: MPlusAdam(ps, seed=0, compiled=False, foreach=True),
         "M+Adam compiled": lambda ps: MPlusAdam(ps, seed=0, compiled=True),
         "M+Adam bf16-SR compiled": lambda ps: MPlusAdam(
             ps, seed=0, storage="bf16", rounding="stochastic", compiled=True),
-        "Madam foreach": lambda ps: Madam(ps),
+        "Madam default": lambda ps: Madam(ps),
+        "Madam foreach": lambda ps: Madam(ps, compiled=False, foreach=True),
         "Madam compiled": lambda ps: Madam(ps, compiled=True),
     }
 

@@ -7,6 +7,7 @@ the same tests with no download.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +16,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_lowprec.litgpt.checkpoint import stdlib_docstrings
+from lightning_lowprec.optim import base
+
+# The optimizers' default compiled="auto" takes the eager kernels here and in every process a
+# test starts (they inherit the environment): compiling costs seconds per kernel, up to a
+# minute cold, and most tests check behaviour, not the kernels. Tests marked ``auto_compile``
+# run the real default; those that pass ``compiled=True`` compile as before.
+os.environ.setdefault(base.COMPILE_ENV, "0")
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 SEQ_LEN = 64
@@ -111,6 +119,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _auto_compile(request, monkeypatch):
+    """Tests marked ``auto_compile``: ``compiled="auto"`` probes ``torch.compile`` afresh."""
+    if request.node.get_closest_marker("auto_compile") is not None:
+        monkeypatch.setenv(base.COMPILE_ENV, "1")
+        monkeypatch.setattr(base, "_COMPILE_WORKS", {})
 
 
 @pytest.fixture(scope="session")

@@ -426,3 +426,17 @@ def test_compiled_noise_and_step_match_eager(weight_decay):
     for a, b in zip(s_eager + [p_eager], s_comp + [p_comp], strict=True):
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("noise", ["irwin_hall", "box_muller"])
+def test_eager_sample_in_chunks_equals_the_whole_tensor_bitwise(noise):
+    from lightning_lowprec.optim import lmd
+
+    n = 3 * lmd._EAGER_CHUNK + 1234
+    g = torch.Generator().manual_seed(0)
+    lp, ln = torch.randn(n, generator=g) - 3, torch.randn(n, generator=g) - 3
+    keys = torch.tensor(counter_rng.derive_keys(0, 1, 2, 3), dtype=torch.int32)
+    whole, chunked = torch.empty(n), torch.empty(n)
+    lmd._sample_tensor(whole, lp, ln, keys, 0.05, noise)
+    lmd._sample_chunked(chunked, lp, ln, keys, 0.05, noise)
+    assert torch.equal(whole, chunked)

@@ -14,6 +14,12 @@
   decoupled-weight-decay Adam with fp32 state, chosen per group by ``adamw="auto" | "always" |
   "never"``; its learning rate is ``adamw_lr_ratio * lr`` so that a schedule on ``lr`` (LitGPT's
   ``pretrain`` rewrites every group's ``lr`` each step) moves both rules together.
+* **Kernels.** ``compiled="auto"`` (the default) runs each large tensor's update as one
+  ``torch.compile``'d kernel wherever :func:`compile_works` for the parameters' device, and
+  otherwise the eager kernels after one warning that says why; ``foreach=None`` follows
+  torch's rule for the eager kernels (``torch._foreach_*`` on CUDA, one tensor at a time on
+  CPU, where batching gains nothing and holds every temporary at once).
+  :func:`use_compiled` and :func:`use_foreach` resolve the two settings.
 * **Loading.** ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to
   its parameter's dtype; these optimizers keep fp32 state beside bf16 weights (a bf16 log-median
   or second moment would stall), so :meth:`LowPrecisionOptimizer.load_state_dict` restores the
@@ -22,7 +28,11 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import time
+import warnings
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any, Literal
@@ -33,14 +43,18 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 __all__ = [
-    "ADAMW_MODES", "COMPILED_MIN_NUMEL", "EXP_NORMAL_RANGE", "EXP_SMALL_BOUND",
-    "LowPrecisionOptimizer", "by_device", "clamp_where", "compiled", "ema_", "exp_normal",
-    "exp_small", "expm1_small", "flip_sign", "is_real", "require", "require_betas",
-    "require_range", "shared_seed",
+    "ADAMW_MODES", "COMPILED_MIN_NUMEL", "COMPILED_MODES", "COMPILE_ENV", "EXP_NORMAL_RANGE",
+    "EXP_SMALL_BOUND", "LowPrecisionOptimizer", "by_device", "clamp_where", "compile_works",
+    "compiled", "ema_", "exp_normal", "exp_small", "expm1_small", "flip_sign", "is_real",
+    "require", "require_betas", "require_range", "shared_seed", "use_compiled", "use_foreach",
 ]
 
 AdamWMode = Literal["auto", "always", "never"]
 ADAMW_MODES: tuple[str, ...] = ("auto", "always", "never")
+CompiledMode = Literal[True, False, "auto"]
+COMPILED_MODES: tuple[bool | str, ...] = (True, False, "auto")
+
+_log = logging.getLogger("lightning_lowprec.optim")
 
 _COMPILED: dict[Callable, Callable] = {}
 _OPTIONS = {"cpp.enable_floating_point_contract_flag": "fast"}
@@ -110,6 +124,79 @@ def compiled(fn: Callable) -> Callable:
         return out.view_as(p) if isinstance(out, Tensor) and out.shape == flat[0].shape else out
 
     return call
+
+
+def _probe(x: Tensor) -> Tensor:
+    return x * 2.0 + 1.0
+
+
+_COMPILE_WORKS: dict[str, bool] = {}
+COMPILE_ENV = "LIGHTNING_LOWPREC_COMPILE"
+"""Set to ``0``, this environment variable makes ``compiled="auto"`` pick the eager kernels
+without probing or warning (e.g. a test suite, or a debugging session that should not wait
+for the compiler); ``compiled=True`` still compiles."""
+
+
+def compile_works(device: torch.device) -> bool:
+    """Whether ``torch.compile`` builds and runs the optimizers' kernels on ``device``'s type.
+
+    Probed once per process and device type (a tiny element-wise kernel is compiled and run,
+    about a second the first time) and cached. Compiled kernels are built for CPU (Inductor's
+    C++ backend, which needs a working C++ compiler) and CUDA (Triton). Where the probe fails,
+    one ``RuntimeWarning`` names the reason and ``compiled="auto"`` runs the eager kernels.
+    ``LIGHTNING_LOWPREC_COMPILE=0`` (:data:`COMPILE_ENV`) answers ``False`` without a probe.
+    """
+    if os.environ.get(COMPILE_ENV, "").strip() == "0":
+        return False
+    if device.type not in _COMPILE_WORKS:
+        reason = _compile_failure(device)
+        _COMPILE_WORKS[device.type] = reason is None
+        if reason is not None:
+            warnings.warn(
+                f"compiled='auto': torch.compile does not work on {device.type} ({reason}); "
+                "LMD, MPlusAdam and Madam run their eager kernels, 5-20x slower per step. "
+                "Pass compiled=False to choose them explicitly.", RuntimeWarning, stacklevel=3,
+            )
+    return _COMPILE_WORKS[device.type]
+
+
+def _compile_failure(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot serve ``device`` (``None`` if it can)."""
+    if device.type not in ("cpu", "cuda"):
+        return "the compiled kernels are built for CPU and CUDA only"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "Triton is missing or does not support this GPU"
+    try:
+        x = torch.arange(8, dtype=torch.float32, device=device)
+        fn = torch.compile(_probe, dynamic=False, fullgraph=True, options=_OPTIONS)
+        ok = torch.equal(fn(x), _probe(x))
+    except Exception as err:  # any failure of the toolchain means: do not compile
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        return f"{type(err).__name__}: {first_line}"
+    return None if ok else "the probe kernel computed wrong values"
+
+
+def use_compiled(group: dict[str, Any], device: torch.device) -> bool:
+    """Whether ``group``'s tensors on ``device`` take the compiled kernels (``"auto"``:
+    :func:`compile_works`)."""
+    mode = group["compiled"]
+    return compile_works(device) if mode == "auto" else mode
+
+
+def use_foreach(group: dict[str, Any], device: torch.device) -> bool:
+    """Whether ``group``'s eager kernels on ``device`` batch tensors with ``torch._foreach_*``.
+
+    ``foreach=None`` is torch's rule: on CUDA, where one launch per op instead of one per
+    tensor saves time, not on CPU, where a batched op is a loop over the tensors anyway and
+    holds all their temporaries at once. The compiled path batches its small tensors (those
+    it does not compile) either way.
+    """
+    if group["foreach"] is not None:
+        return group["foreach"]
+    return device.type == "cuda" or use_compiled(group, device)
 
 
 def ema_(avg: Tensor, x: Tensor, weight: Any, low: bool) -> Tensor:
@@ -291,6 +378,16 @@ class LowPrecisionOptimizer(Optimizer):
         self._check_group(defaults)
         super().__init__(params, defaults)
         self._index: dict[Tensor, int] | None = None
+        self._reported: set[str] = set()
+
+    def _report_compile(self, what: str, start: float) -> None:
+        """Log (INFO, once per optimizer and ``what``) how long the first compiled ``what``
+        took since ``start`` (``time.perf_counter()``): mostly ``torch.compile`` building the
+        kernels, which later calls reuse."""
+        if what not in self._reported:
+            self._reported.add(what)
+            _log.info("%s: the first compiled %s took %.1f s (building the kernels; later "
+                      "calls reuse them)", type(self).__name__, what, time.perf_counter() - start)
 
     @staticmethod
     def _validate_group(group: dict[str, Any]) -> None:
@@ -306,7 +403,8 @@ class LowPrecisionOptimizer(Optimizer):
             require(isinstance(g["seed"], int) and not isinstance(g["seed"], bool), "seed",
                     g["seed"], "an int (or None to draw one)")
         require(g["foreach"] in (None, True, False), "foreach", g["foreach"], "None or a bool")
-        require(isinstance(g["compiled"], bool), "compiled", g["compiled"], "a bool")
+        require(isinstance(g["compiled"], bool) or g["compiled"] == "auto", "compiled",
+                g["compiled"], "True, False or 'auto'")
 
     @property
     def skipped_steps(self) -> int:
@@ -383,7 +481,7 @@ class LowPrecisionOptimizer(Optimizer):
             eps=group["eps"], weight_decay=group["weight_decay"],
         )
         states = [self.state[p] for p in params]
-        if group["foreach"] is False:
+        if not use_foreach(group, params[0].device):
             for p, s in zip(params, states, strict=True):
                 adamw_tensor(p, p.grad, s["exp_avg"], s["exp_avg_sq"], step=s["step"], **kwargs)
             return
@@ -409,12 +507,13 @@ class LowPrecisionOptimizer(Optimizer):
 
     def _run_step(self) -> None:
         """Validate gradients, then update every parameter that has a finite one."""
+        start = time.perf_counter()
         groups = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             groups.append((group, params))
-        finite = iter(self._finite_grads([p for _, ps in groups for p in ps],
-                                         [g["compiled"] for g, ps in groups for _ in ps]))
+        fast = [use_compiled(g, p.device) for g, ps in groups for p in ps]
+        finite = iter(self._finite_grads([p for _, ps in groups for p in ps], fast))
         for group, params in groups:
             ok = []
             for p in params:
@@ -430,6 +529,8 @@ class LowPrecisionOptimizer(Optimizer):
                 self._adamw_rule(group, adamw)
             if own:
                 self._update(group, own)
+        if any(fast):
+            self._report_compile("step", start)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``Optimizer.load_state_dict``, keeping the saved dtype of every state tensor."""

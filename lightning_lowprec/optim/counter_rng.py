@@ -91,20 +91,22 @@ def hash32(x: Tensor) -> Tensor:
     return x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF))
 
 
-def random_words(numel: int, keys: Tensor, streams: int = 1) -> list[Tensor]:
-    """``streams`` int32 tensors of ``numel`` random 32-bit words each.
+def random_words(numel: int, keys: Tensor, streams: int = 1, start: int = 0) -> list[Tensor]:
+    """``streams`` int32 tensors of ``numel`` random 32-bit words each, for the elements
+    ``start .. start + numel - 1`` (a chunk of a larger tensor gets that tensor's words).
 
     Args:
         numel: number of elements (element ``i`` gets the same words whatever ``numel`` is).
         keys: int32 tensor of at least ``streams + 1`` keys from :func:`derive_keys`, on the
             device the words are wanted on (a tensor, so a compiled caller does not recompile
             when the keys change).
+        start: index of the first element.
     """
-    if numel <= 1 << _LOW_BITS:
-        index = torch.arange(numel, dtype=torch.int32, device=keys.device)
+    if start + numel <= 1 << _LOW_BITS:
+        index = torch.arange(start, start + numel, dtype=torch.int32, device=keys.device)
         y = hash32(index.bitwise_xor_(hash32(keys[0])))
     else:
-        index = torch.arange(numel, dtype=torch.int64, device=keys.device)
+        index = torch.arange(start, start + numel, dtype=torch.int64, device=keys.device)
         high = (index >> _LOW_BITS).to(torch.int32)
         low = (index & ((1 << _LOW_BITS) - 1)).to(torch.int32)
         y = hash32(low ^ hash32(high + keys[0]))
@@ -118,12 +120,15 @@ def _irwin_hall(x: Tensor) -> Tensor:
     return total.to(torch.float32).sub_(_IRWIN_HALL_MEAN).mul_(1.0 / _IRWIN_HALL_STD)
 
 
-def normal_pair(numel: int, keys: Tensor, kind: NoiseKind = "irwin_hall") -> tuple[Tensor, Tensor]:
+def normal_pair(
+    numel: int, keys: Tensor, kind: NoiseKind = "irwin_hall", start: int = 0
+) -> tuple[Tensor, Tensor]:
     """Two independent standard-normal float32 vectors of ``numel`` elements (see module doc).
 
-    ``keys`` needs 3 entries. The result is a pure function of ``(keys, numel, kind)``.
+    ``keys`` needs 3 entries. The result is a pure function of ``(keys, start, numel, kind)``;
+    ``start`` as in :func:`random_words`.
     """
-    a, b = random_words(numel, keys, streams=2)
+    a, b = random_words(numel, keys, streams=2, start=start)
     if kind == "irwin_hall":
         return _irwin_hall(a), _irwin_hall(b)
     # Box-Muller on two 24-bit uniforms: u1 in (0, 1] keeps the log finite.

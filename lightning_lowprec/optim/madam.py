@@ -25,6 +25,7 @@ from torch import Tensor
 from lightning_lowprec.optim.base import (
     EXP_SMALL_BOUND,
     AdamWMode,
+    CompiledMode,
     LowPrecisionOptimizer,
     by_device,
     clamp_where,
@@ -33,6 +34,8 @@ from lightning_lowprec.optim.base import (
     flip_sign,
     require_betas,
     require_range,
+    use_compiled,
+    use_foreach,
 )
 
 __all__ = ["Madam"]
@@ -149,9 +152,12 @@ class Madam(LowPrecisionOptimizer):
         betas: the AdamW rule's ``(beta1, beta2)``, each in [0, 1).
         eps: the AdamW rule's epsilon (>= 0).
         weight_decay: the AdamW rule's decoupled weight decay (>= 0).
-        foreach: ``None``/``True`` use ``torch._foreach_*`` ops, ``False`` one tensor at a time.
-        compiled: run each tensor's update as one ``torch.compile``'d kernel (1.3-1.4x a
-            fused AdamW step on one CPU core, measured; the eager paths are 20-25x).
+        foreach: the eager kernels' batching: ``True`` ``torch._foreach_*`` ops, ``False`` one
+            tensor at a time, ``None`` torch's rule (batched on CUDA only;
+            :func:`~lightning_lowprec.optim.base.use_foreach`).
+        compiled: ``"auto"`` (default) runs each tensor's update as one ``torch.compile``'d
+            kernel wherever :func:`~lightning_lowprec.optim.base.compile_works`, else the
+            eager kernels after one warning; ``True`` always, ``False`` never.
     """
 
     _validate_group = staticmethod(_validate)
@@ -169,7 +175,7 @@ class Madam(LowPrecisionOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         foreach: bool | None = None,
-        compiled: bool = False,
+        compiled: CompiledMode = "auto",
     ) -> None:
         defaults = dict(
             lr=lr, p_scale=p_scale, g_bound=g_bound, adamw=adamw,
@@ -193,7 +199,8 @@ class Madam(LowPrecisionOptimizer):
             (group["lr"], 1.0 / (1.0 - _BETA2 ** s["step"]), group["g_bound"], s["max"])
             for s in states
         ]
-        if group["compiled"]:
+        device = params[0].device
+        if use_compiled(group, device):
             fn = compiled(_update_fused)
             small = group["lr"] * group["g_bound"] <= EXP_SMALL_BOUND
             table = torch.tensor([(-lr, ibc, -g_bound, g_bound, -p_max, p_max)
@@ -201,7 +208,7 @@ class Madam(LowPrecisionOptimizer):
                                  dtype=torch.float32, device=params[0].device)
             for i, (p, s) in enumerate(zip(params, states, strict=True)):
                 fn(p, p.grad, s["exp_avg_sq"], table[i].to(p.device), small=small)
-        elif group["foreach"] is False:
+        elif not use_foreach(group, device):
             for p, s, hp in zip(params, states, hps, strict=True):
                 _update_tensor(p, p.grad, s["exp_avg_sq"], hp)
         else:

@@ -27,6 +27,7 @@ from lightning_lowprec.optim.base import (
     COMPILED_MIN_NUMEL,
     EXP_SMALL_BOUND,
     AdamWMode,
+    CompiledMode,
     LowPrecisionOptimizer,
     by_device,
     compiled,
@@ -36,6 +37,8 @@ from lightning_lowprec.optim.base import (
     require_betas,
     require_range,
     shared_seed,
+    use_compiled,
+    use_foreach,
 )
 from lightning_lowprec.optim.counter_rng import derive_keys, random_words
 from lightning_lowprec.quantize import quantize
@@ -249,11 +252,14 @@ class MPlusAdam(LowPrecisionOptimizer):
         seed: base of the stochastic-rounding streams; ``None`` draws one from torch's global
             generator, broadcast from rank 0 under ``torch.distributed``
             (:func:`~lightning_lowprec.optim.base.shared_seed`).
-        foreach: ``None``/``True`` use ``torch._foreach_*`` ops, ``False`` one tensor at a time.
-        compiled: run each tensor's update (and BF16 rounding) as one ``torch.compile``'d
-            kernel (1.6-1.75x a fused AdamW step on one CPU core, measured; the eager paths
-            are 30x); tensors under ``COMPILED_MIN_NUMEL`` (65536) elements take the
-            ``foreach`` ops.
+        foreach: the eager kernels' batching: ``True`` ``torch._foreach_*`` ops, ``False`` one
+            tensor at a time, ``None`` torch's rule (batched on CUDA only;
+            :func:`~lightning_lowprec.optim.base.use_foreach`).
+        compiled: ``"auto"`` (default) runs each tensor's update (and BF16 rounding) as one
+            ``torch.compile``'d kernel wherever
+            :func:`~lightning_lowprec.optim.base.compile_works`, else the eager kernels after
+            one warning; ``True`` always, ``False`` never. Tensors under
+            ``COMPILED_MIN_NUMEL`` (65536) elements take the ``foreach`` ops.
     """
 
     _validate_group = staticmethod(_validate)
@@ -273,7 +279,7 @@ class MPlusAdam(LowPrecisionOptimizer):
         adamw: AdamWMode = "never",
         seed: int | None = None,
         foreach: bool | None = None,
-        compiled: bool = False,
+        compiled: CompiledMode = "auto",
     ) -> None:
         seed = shared_seed(seed)
         defaults = dict(
@@ -330,19 +336,20 @@ class MPlusAdam(LowPrecisionOptimizer):
                 for p, w, b in zip(subset, words, bf16, strict=True)
             ]
             quantized = STORAGE_FORMATS[storage] is not None
+            fast = use_compiled(group, subset[0].device)
+            batch = use_foreach(group, subset[0].device)
             per_tensor = [
                 i for i, p in enumerate(subset)
-                if (p.numel() >= COMPILED_MIN_NUMEL if group["compiled"]
-                    else group["foreach"] is False)
+                if (p.numel() >= COMPILED_MIN_NUMEL if fast else not batch)
             ]
             w_news = [None] * len(subset)
             if per_tensor:
-                fn = compiled(_update_tensor) if group["compiled"] else _update_tensor
+                fn = compiled(_update_tensor) if fast else _update_tensor
                 table = None
-                if group["compiled"]:
+                if fast:
                     table = torch.tensor(hps, dtype=torch.float32, device=subset[0].device)
-                small = group["compiled"] and _exponent_is_small(hps[0][6], beta2, group["eps"])
-                low_weight = group["compiled"] and max(1.0 - beta1, 1.0 - beta2) < 0.5
+                small = fast and _exponent_is_small(hps[0][6], beta2, group["eps"])
+                low_weight = fast and max(1.0 - beta1, 1.0 - beta2) < 0.5
                 for i in per_tensor:
                     p, s = subset[i], states[i]
                     hp = table[i].to(p.device) if table is not None else hps[i]
