@@ -77,6 +77,13 @@ def _round_bf16_stochastic(w: Tensor, keys: Tensor) -> Tensor:
     return ((bits + noise) & ~_BF16_DROPPED_BITS).view(torch.float32)
 
 
+def _ema_sq_(v: Tensor, x: Tensor, weight: Any) -> Tensor:
+    """``v <- (1 - weight) * v + weight * x`` for a second moment (``x = g**2 >= 0``): an inf
+    in ``v`` stays inf (the update then is 0) where :func:`ema_`'s ``inf + w * (x - inf)``
+    would be NaN and spread into the weight."""
+    return v.mul_(1.0 - weight).add_(x.mul_(weight))
+
+
 def _update_tensor(
     p: Tensor, g: Tensor, m: Tensor, v: Tensor, ve: Tensor | None, keys: Tensor | None,
     hp: Sequence[Any], *, bf16: str | None, write: bool, small: bool = False,
@@ -98,12 +105,12 @@ def _update_tensor(
     g = g.float()
     m32, v32 = m.float(), v.float()
     ema_(m32, g, w1, low_weight)
-    ema_(v32, g * g, w2, low_weight)
+    _ema_sq_(v32, g * g, w2)
     ua = (m32 * step_a).div_(v32.sqrt().mul_(inv_bc2_sqrt).add_(eps))
     if ve is not None:
         ve32 = ve.float()
         ge = (w * g).mul_(_LN2)
-        ema_(ve32, ge * ge, w2, low_weight)
+        _ema_sq_(ve32, ge * ge, w2)
         de = ge.div_(ve32.sqrt().mul_(inv_bc2_sqrt).add_(eps)).mul_(step_m)
         factor = expm1_small(de) if small else torch.expm1(de)
         w_new = (w * factor.add_(decay)).add_(ua)
@@ -147,7 +154,10 @@ def _update_foreach(
     gs = [g.float() for g in gs]
     m32s, v32s = [m.float() for m in ms], [v.float() for v in vs]
     torch._foreach_lerp_(m32s, gs, w1)
-    torch._foreach_lerp_(v32s, torch._foreach_mul(gs, gs), w2)
+    torch._foreach_mul_(v32s, 1.0 - w2)
+    g2s = torch._foreach_mul(gs, gs)
+    torch._foreach_mul_(g2s, w2)
+    torch._foreach_add_(v32s, g2s)
     uas = torch._foreach_mul(m32s, step_as)
     denom = torch._foreach_sqrt(v32s)
     torch._foreach_mul_(denom, inv_bc2s)
@@ -157,7 +167,10 @@ def _update_foreach(
         ve32s = [ve.float() for ve in ves]
         ges = torch._foreach_mul(ws, gs)
         torch._foreach_mul_(ges, _LN2)
-        torch._foreach_lerp_(ve32s, torch._foreach_mul(ges, ges), w2)
+        torch._foreach_mul_(ve32s, 1.0 - w2)
+        ge2s = torch._foreach_mul(ges, ges)
+        torch._foreach_mul_(ge2s, w2)
+        torch._foreach_add_(ve32s, ge2s)
         denom = torch._foreach_sqrt(ve32s)
         torch._foreach_mul_(denom, inv_bc2s)
         torch._foreach_add_(denom, eps)
