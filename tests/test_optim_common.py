@@ -274,3 +274,19 @@ def test_litgpt_flat_parameters_train(cls, kwargs):
     assert losses[-1] < losses[0] - 0.1
     assert model.lm_head.weight not in opt.state
 
+
+@pytest.mark.parametrize("cls", [LMD, MPlusAdam, Madam])
+def test_rejected_param_group_is_not_added(cls):
+    """``add_param_group`` validates before appending (issue 20): a group refused with
+    ``ValueError`` must not stay in ``param_groups``, where the next step would move it."""
+    params, opt = run(cls, {}, steps=1)
+    extra = torch.nn.Parameter(torch.randn(8, 8) * 0.1)
+    before = extra.detach().clone()
+    with pytest.raises(ValueError, match="Invalid lr"):
+        opt.add_param_group({"params": [extra], "lr": -1.0})
+    assert len(opt.param_groups) == 1
+    extra.grad = torch.randn(8, 8)
+    run(cls, {}, steps=1, params=params, opt=opt)
+    assert torch.equal(extra, before) and extra not in opt.state
+    opt.add_param_group({"params": [extra], "lr": 1e-3})
+    assert len(opt.param_groups) == 2

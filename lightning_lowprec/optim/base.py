@@ -318,9 +318,11 @@ class LowPrecisionOptimizer(Optimizer):
         return sum(s.get("skipped", 0) for s in self.state.values())
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """``Optimizer.add_param_group``, then the validation of the filled group."""
+        """``Optimizer.add_param_group`` after validating the group filled with the defaults,
+        so that a rejected group is not left in ``param_groups`` (its parameters would move)."""
+        if isinstance(param_group, dict):
+            self._check_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
         self._index = None
 
     def _param_index(self, p: Tensor) -> int:
