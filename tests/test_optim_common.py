@@ -56,6 +56,11 @@ def run(cls, kwargs, steps=4, dtype=torch.float32, params=None, opt=None, grad_s
     return params, opt
 
 
+def _fp8(kwargs):
+    """Whether ``kwargs`` ask M+Adam for FP8 storage (float32 parameters only)."""
+    return kwargs.get("storage") in ("fp8_e4m3", "fp8_e5m2")
+
+
 def assert_same(a, b):
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x.detach(), y.detach())
@@ -64,6 +69,8 @@ def assert_same(a, b):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("cls", "kwargs"), CONFIGS)
 def test_foreach_equals_single_tensor(cls, kwargs, dtype):
+    if _fp8(kwargs) and dtype == torch.bfloat16:  # refused: see test_optim_mplus_adam
+        pytest.skip("FP8 storage needs float32 parameters")
     a, _ = run(cls, {**kwargs, "foreach": True}, dtype=dtype)
     b, _ = run(cls, {**kwargs, "foreach": False}, dtype=dtype)
     assert_same(a, b)
@@ -72,10 +79,11 @@ def test_foreach_equals_single_tensor(cls, kwargs, dtype):
 
 @pytest.mark.parametrize(("cls", "kwargs"), CONFIGS)
 def test_state_dict_round_trip_gives_identical_next_steps(cls, kwargs):
-    params, opt = run(cls, kwargs, steps=3, dtype=torch.bfloat16)
+    dtype = torch.float32 if _fp8(kwargs) else torch.bfloat16
+    params, opt = run(cls, kwargs, steps=3, dtype=dtype)
     saved_params = [p.detach().clone() for p in params]
     saved_state = copy.deepcopy(opt.state_dict())
-    run(cls, kwargs, steps=3, dtype=torch.bfloat16, params=params, opt=opt, grad_seed=2)
+    run(cls, kwargs, steps=3, dtype=dtype, params=params, opt=opt, grad_seed=2)
 
     resumed = [torch.nn.Parameter(p.clone(), requires_grad=q.requires_grad)
                for p, q in zip(saved_params, params, strict=True)]
@@ -87,7 +95,7 @@ def test_state_dict_round_trip_gives_identical_next_steps(cls, kwargs):
         for value in opt2.state[p].values():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 assert value.dtype in (torch.float32, torch.bfloat16)
-    run(cls, kwargs, steps=3, dtype=torch.bfloat16, params=resumed, opt=opt2, grad_seed=2)
+    run(cls, kwargs, steps=3, dtype=dtype, params=resumed, opt=opt2, grad_seed=2)
     assert_same(params, resumed)
     assert_same([s for p in params for s in opt.state[p].values() if torch.is_tensor(s)],
                 [s for p in resumed for s in opt2.state[p].values() if torch.is_tensor(s)])

@@ -321,6 +321,8 @@ class LowPrecisionOptimizer(Optimizer):
         """``Optimizer.add_param_group`` after validating the group filled with the defaults,
         so that a rejected group is not left in ``param_groups`` (its parameters would move)."""
         if isinstance(param_group, dict):
+            if not isinstance(param_group["params"], (Tensor, set)):  # as torch will
+                param_group["params"] = list(param_group["params"])
             self._check_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
         self._index = None

@@ -205,6 +205,13 @@ def _validate(g: dict[str, Any]) -> None:
             f"one of {tuple(STORAGE_FORMATS)}")
     require(g["rounding"] in (None, "even", "stochastic"), "rounding", g["rounding"],
             "None, 'even' or 'stochastic'")
+    if g["storage"] in ("fp8_e4m3", "fp8_e5m2"):
+        params = g.get("params", ())
+        for p in [params] if isinstance(params, Tensor) else params:
+            p = p[1] if isinstance(p, tuple) else p  # (name, parameter)
+            require(p.dtype not in (torch.bfloat16, torch.float16), "storage", g["storage"],
+                    f"float32 parameters for FP8 storage (a per-tensor-scaled FP8 value is not "
+                    f"exact in {p.dtype}), or storage None, 'bf16' or 'fp4_e2m1' for them")
     valid_dtypes = (None, "float32", "bfloat16", torch.float32, torch.bfloat16)
     require(g["state_dtype"] in valid_dtypes, "state_dtype", g["state_dtype"],
             "None, float32 or bfloat16 (a torch.dtype or its name)")
@@ -219,7 +226,8 @@ class MPlusAdam(LowPrecisionOptimizer):
     step) or ``"fp4_e2m1"`` (the MXFP4 grid: a power-of-two scale per 32 elements along the last
     dim; there is no per-tensor FP4). The rounded value is written into the parameter, whose
     dtype holds it exactly for BF16 storage; for FP8/FP4 keep the parameter fp32 (emulation:
-    a bf16 tensor cannot hold a per-tensor-scaled FP8 value exactly). No FP32 copy is kept.
+    a bf16 tensor cannot hold a per-tensor-scaled FP8 value exactly, so bf16 or fp16
+    parameters with FP8 storage are refused). No FP32 copy is kept.
 
     **Rounding** (``rounding``): ``"even"`` (round to nearest, ties to even) or ``"stochastic"``
     (unbiased). ``None`` picks per storage: ``"even"`` for ``None``/``"bf16"`` (measured fine),
