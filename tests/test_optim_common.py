@@ -225,17 +225,17 @@ def test_adamw_rule_selection(cls):
 
 
 BAD = {
-    LMD: {"lr": [0.0, -1.0, float("nan"), "x"], "momentum": [1.0, -0.1], "sigma": [-0.1, 2.0],
+    LMD: {"lr": [-1.0, float("nan"), "x"], "momentum": [1.0, -0.1], "sigma": [-0.1, 2.0],
           "weight_decay": [-1.0, float("inf")], "m_ref": [0.0], "init": ["xavier"],
           "init_sigma": [0.0], "sign_beta": [1.0], "separate_momentum": [1],
           "point_estimate": ["mode"], "noise": ["philox"], "adamw": ["yes"],
           "adamw_lr_ratio": [-1.0], "betas": [(0.9, 1.0), (0.9,)], "eps": [-1e-8],
           "seed": [1.5, True], "foreach": ["yes"], "compiled": [None]},
-    MPlusAdam: {"lr": [0.0], "betas": [(1.0, 0.9)], "eps": [-1.0], "weight_decay": [-0.1],
+    MPlusAdam: {"lr": [-1e-3], "betas": [(1.0, 0.9)], "eps": [-1.0], "weight_decay": [-0.1],
                 "lr_m_ratio": [-3.0], "storage": ["fp16", "mxfp4_e2m1"],
                 "rounding": ["nearest"], "state_dtype": [torch.float16, "int8"],
                 "adamw": [False], "seed": ["0"], "foreach": [0.5], "compiled": [1]},
-    Madam: {"lr": [0.0], "p_scale": [0.0], "g_bound": [-1.0], "adamw": ["auto "],
+    Madam: {"lr": [-0.01], "p_scale": [0.0], "g_bound": [-1.0], "adamw": ["auto "],
             "adamw_lr_ratio": [float("nan")], "betas": [(0.9, -0.1)], "eps": [-1.0],
             "weight_decay": [-1.0], "foreach": [2], "compiled": ["no"]},
 }
@@ -250,6 +250,24 @@ def test_invalid_hyperparameters_name_argument_value_and_range(cls, name, value)
         cls([torch.nn.Parameter(torch.ones(2, 2))], **{name: value})
     message = str(info.value)
     assert f"Invalid {name}: {value!r}; expected" in message
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize(("cls", "kwargs"), CONFIGS)
+def test_zero_lr_is_accepted_and_holds_the_weights(cls, kwargs, foreach):
+    """``lr=0.0`` is valid, as in torch (schedules reach it; issue 20): nothing moves but
+    Madam's clamp to ``p_scale`` times the initial RMS, which any lr applies."""
+    # from the weights, and no grid to round onto: only the step could move them
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("init", "storage")}
+    params = make_params()
+    before = [p.detach().clone() for p in params]
+    _, opt = run(cls, {**kwargs, "lr": 0.0, "foreach": foreach}, steps=3, params=params)
+    for p, w in zip(params[:3], before[:3], strict=True):
+        if cls is Madam and not opt.state[p]["adamw"]:
+            bound = 3.0 * w.square().mean().sqrt()
+            w = w.clamp(-bound, bound)
+        torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-6)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3, 3))], "lr": 0.0})
 
 
 def test_lr_times_weight_decay_is_bounded():

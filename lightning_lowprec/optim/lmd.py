@@ -220,7 +220,7 @@ def _validate(g: dict[str, Any]) -> None:
     """Check the LMD hyperparameters of a group (see :class:`LMD` for the ranges) but
     ``adamw``, ``seed``, ``foreach`` and ``compiled``, which the base class checks."""
     inf = math.inf
-    require_range("lr", g["lr"], 0.0, inf, low_open=True)
+    require_range("lr", g["lr"], 0.0, inf)  # 0 as torch: schedules reach it
     require_range("momentum", g["momentum"], 0.0, 1.0, high_open=True)
     require_range("sigma", g["sigma"], 0.0, 1.0)
     require_range("weight_decay", g["weight_decay"], 0.0, inf)
@@ -305,7 +305,7 @@ class LMD(LowPrecisionOptimizer):
 
     Args:
         params: parameters or parameter groups (every argument below may be set per group).
-        lr: multiplicative step in nats per step (> 0).
+        lr: multiplicative step in nats per step (>= 0).
         momentum: EMA coefficient of the gradient momentum, in [0, 1).
         sigma: log-std of the sampling noise ``eps = exp(sigma * xi)``, in [0, 1].
         weight_decay: strength ``lambda`` of the decay of ``log m`` toward ``log m_ref``

@@ -195,7 +195,7 @@ def _validate(g: dict[str, Any]) -> None:
     """Check the M+Adam hyperparameters of a group (see :class:`MPlusAdam` for the ranges) but
     ``adamw``, ``seed``, ``foreach`` and ``compiled``, which the base class checks."""
     inf = math.inf
-    require_range("lr", g["lr"], 0.0, inf, low_open=True)
+    require_range("lr", g["lr"], 0.0, inf)  # 0 as torch: schedules reach it
     require_betas("betas", g["betas"])
     require_range("eps", g["eps"], 0.0, inf)
     require_range("weight_decay", g["weight_decay"], 0.0, inf)
@@ -257,7 +257,7 @@ class MPlusAdam(LowPrecisionOptimizer):
 
     Args:
         params: parameters or parameter groups (every argument below may be set per group).
-        lr: learning rate of the additive branch, in weight units per step (> 0).
+        lr: learning rate of the additive branch, in weight units per step (>= 0).
         betas: ``(beta1, beta2)``; ``beta2`` also drives the multiplicative second moment.
         eps: added to both root second moments (>= 0).
         weight_decay: decoupled weight decay, ``w *= 1 - lr * weight_decay`` (>= 0).
