@@ -440,3 +440,69 @@ def test_eager_sample_in_chunks_equals_the_whole_tensor_bitwise(noise):
     lmd._sample_tensor(whole, lp, ln, keys, 0.05, noise)
     lmd._sample_chunked(chunked, lp, ln, keys, 0.05, noise)
     assert torch.equal(whole, chunked)
+
+
+# -- writes to the parameters (issue 20) ----------------------------------------------------
+
+
+def _trained_layer(**kwargs):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 16, bias=False)
+    opt = LMD(layer.parameters(), seed=0, **kwargs)
+    for _ in range(3):
+        with opt.sampled_params():
+            layer(torch.randn(4, 32)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return layer, opt
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"foreach": False}, {"point_estimate": "mean"},
+                                    {"separate_momentum": True}])
+def test_written_weights_are_kept_by_the_next_step(kwargs):
+    """``load_state_dict`` of the model (or an EMA swap) writes the parameters; LMD re-derives
+    its medians from them instead of writing its old point estimate back."""
+    layer, opt = _trained_layer(**kwargs)
+    layer.load_state_dict({"weight": torch.full((16, 32), 0.5)})
+    layer.weight.grad = torch.zeros_like(layer.weight)
+    opt.step()
+    # a step moves a weight by about lr * (m+ + m-): ~0.006 here
+    torch.testing.assert_close(layer.weight.detach(), torch.full((16, 32), 0.5), atol=0.02, rtol=0)
+    lp, ln = log_medians(opt, layer.weight)
+    assert (lp.exp() - ln.exp()).mean() == pytest.approx(0.5, abs=0.02)
+
+
+def test_written_weights_are_kept_through_a_sample():
+    """The plugin samples before the forward: the sample must be around the written weights."""
+    layer, opt = _trained_layer()
+    with torch.no_grad():
+        layer.weight.fill_(-0.25)
+    opt.sample_()
+    assert layer.weight.detach().mean().item() == pytest.approx(-0.25, abs=0.02)
+    opt.restore_()
+    torch.testing.assert_close(layer.weight.detach(), torch.full((16, 32), -0.25), atol=1e-6,
+                               rtol=1e-5)
+
+
+def test_own_writes_and_resume_do_not_rederive_the_medians():
+    """Sampling, restoring, stepping and resuming (model, then optimizer) leave the medians
+    to LMD: the same run with and without the write check is bit-equal."""
+    layer, opt = _trained_layer(separate_momentum=True)
+    saved_model = copy.deepcopy(layer.state_dict())
+    saved = copy.deepcopy(opt.state_dict())
+    medians = [t.clone() for t in log_medians(opt, layer.weight)]
+    fresh = torch.nn.Linear(32, 16, bias=False)
+    fresh.load_state_dict(saved_model)
+    opt2 = LMD(fresh.parameters(), seed=0, separate_momentum=True)
+    opt2.load_state_dict(saved)
+    for o, model in ((opt, layer), (opt2, fresh)):
+        o.sample_()
+        model.weight.grad = torch.ones_like(model.weight)
+        o.step()
+    for a, b in zip(log_medians(opt, layer.weight), log_medians(opt2, fresh.weight),
+                    strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(log_medians(opt, layer.weight)[0], medians[0])
+    assert torch.equal(layer.weight, fresh.weight)
+    lp, ln = log_medians(opt, layer.weight)  # u+ != u-: not the from_weights pair m+ m- = m0^2
+    assert (lp + ln - 2 * opt.state[layer.weight]["log_m_ref"]).abs().max() > 1e-3

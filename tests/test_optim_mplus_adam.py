@@ -175,14 +175,37 @@ def test_float16_parameters_need_storage_for_stochastic_rounding():
         opt.step()
 
 
+@pytest.mark.parametrize("storage", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_storage_refuses_low_precision_parameters(storage, dtype):
+    """A bf16 tensor cannot hold a per-tensor-scaled FP8 value: refused when the optimizer is
+    built (issue 20: 89 % of bf16 weights ended off the FP8 grid), naming what is valid."""
+    low = torch.nn.Parameter(torch.randn(4, 4, dtype=dtype))
+    full = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match=f"Invalid storage: '{storage}'.*float32 parameters"):
+        MPlusAdam([full, low], storage=storage)
+    with pytest.raises(ValueError, match="'bf16' or 'fp4_e2m1'"):
+        MPlusAdam([{"params": [full]}, {"params": (q for q in [low])}], storage=storage)
+    opt = MPlusAdam([full], storage=storage)
+    with pytest.raises(ValueError, match="float32 parameters"):
+        opt.add_param_group({"params": [low]})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": (q for q in [low]), "storage": "bf16"})
+    assert opt.param_groups[1]["params"] == [low]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("kwargs", "tol", "differing"), [
     # bf16 results at most one bf16 step apart, and rarely
     ({"storage": "bf16", "rounding": "stochastic", "adamw": "auto"}, (2**-7, 0.0), 0.01),
-    ({}, (1e-6, 1e-7), 1.0),  # fp32: ulps apart (of w * (1 + u_m) and u_a, which may cancel)
-    ({"lr_m_ratio": 30.0, "betas": (0.9, 0.999)}, (1e-6, 1e-7), 1.0),  # beyond expm1_small
+    # fp32: ulps apart (of w * (1 + u_m) and u_a, which may cancel) on most elements
+    # (measured 59 % and 73 % of the compiled tensor)
+    ({}, (1e-6, 1e-7), 0.7),
+    ({"lr_m_ratio": 30.0, "betas": (0.9, 0.999)}, (1e-6, 1e-7), 0.85),  # beyond expm1_small
 ])
 def test_compiled_matches_eager(kwargs, tol, differing):
+    """``differing`` bounds the share of elements not bit-equal in the compiled (256, 256)
+    tensor; the small tensors take the same eager arithmetic on both paths: bit-equal."""
     results = []
     for mode in ({"foreach": False}, {"compiled": True}):
         torch.manual_seed(0)
@@ -196,6 +219,6 @@ def test_compiled_matches_eager(kwargs, tol, differing):
                 p.grad = torch.randn(p.shape, generator=g)
             opt.step()
         results.append([p.detach().clone() for p in params])
-    for a, b in zip(*results, strict=True):
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
         torch.testing.assert_close(a, b, rtol=tol[0], atol=tol[1])
-        assert (a != b).float().mean() <= differing
+        assert (a != b).float().mean() <= (differing if i == 0 else 0.0)

@@ -3,9 +3,12 @@
 * **Validation.** :func:`require` raises a ``ValueError`` that names the argument, the bad value
   and the valid range.
 * **Non-finite gradients.** Before any state is touched, each parameter's gradient is checked
-  (``max |g|`` per tensor on GPUs; on CPU the fp32 sum, which also flags a gradient whose sum
-  overflows, |sum| > 3e38, compiled for the large gradients of ``compiled`` groups; one host
-  synchronisation per step). A parameter whose gradient holds a NaN or an inf is left exactly
+  (on GPUs ``max |g|`` per tensor, squared in fp32; on CPU the fp32 sum of ``g**2``, compiled
+  for the large gradients of ``compiled`` groups; one host synchronisation per step). Both
+  also flag a finite gradient whose square overflows fp32 (``|g| > 1.8e19``; on CPU also a
+  sum of squares above 3.4e38): its second moment would become inf and the next step's EMA
+  ``inf + w * (x - inf)`` NaN. A parameter whose gradient holds a NaN, an inf or such a value
+  is left exactly
   as it was, weights and state, its step counter does not advance, and ``state["skipped"]``
   counts the skip; ``optimizer.skipped_steps`` is the total over parameters. The other
   parameters of the same step are updated normally.
@@ -286,12 +289,13 @@ def _quarterable(g: Tensor) -> bool:
 
 
 def _quarter_sum(g: Tensor) -> Tensor:
-    """The fp32 sum of flat ``g``, read as four streams: its quarters are added element-wise,
-    then summed, in one compiled loop. Non-finite exactly when ``g.sum()`` is, except that
-    either may overflow first; on one CPU core 25 % faster than ``g.sum()``, whose single
-    stream leaves memory bandwidth unused (measured on the gradients of pythia-70m)."""
+    """The fp32 sum of ``g**2`` for flat ``g``, read as four streams: the squares of its
+    quarters are added element-wise, then summed, in one compiled loop (four streams leave
+    less memory bandwidth unused than one). Non-finite when an element is or a square or
+    the sum overflows, like ``torch.linalg.vector_norm``'s, which may overflow at another
+    partial sum."""
     q = g.view(4, -1).float()
-    return (q[0] + q[1] + q[2] + q[3]).sum()
+    return (q[0] * q[0] + q[1] * q[1] + q[2] * q[2] + q[3] * q[3]).sum()
 
 
 def shared_seed(seed: int | None) -> int:
@@ -412,9 +416,13 @@ class LowPrecisionOptimizer(Optimizer):
         return sum(s.get("skipped", 0) for s in self.state.values())
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """``Optimizer.add_param_group``, then the validation of the filled group."""
+        """``Optimizer.add_param_group`` after validating the group filled with the defaults,
+        so that a rejected group is not left in ``param_groups`` (its parameters would move)."""
+        if isinstance(param_group, dict):
+            if not isinstance(param_group["params"], (Tensor, set)):  # as torch will
+                param_group["params"] = list(param_group["params"])
+            self._check_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
         self._index = None
 
     def _param_index(self, p: Tensor) -> int:
@@ -460,15 +468,15 @@ class LowPrecisionOptimizer(Optimizer):
         for indices in by_device(params):
             grads = [params[i].grad for i in indices]
             if grads[0].device.type == "cpu":
-                # A sum is non-finite iff an element is (or it overflows, at |sum| > 3e38) and
-                # is 13x cheaper on CPU than torch's max-abs reduction.
+                # The fp32 norm (no rescaling on CPU) is non-finite iff an element or the
+                # sum of squares is, and it is cheaper on CPU than torch's max-abs reduction.
                 checks = [
                     compiled(_quarter_sum)(g) if fast[i] and _quarterable(g)
-                    else g.sum(dtype=torch.float32)
+                    else torch.linalg.vector_norm(g, dtype=torch.float32)
                     for i, g in zip(indices, grads, strict=True)
                 ]
-            else:  # one multi-tensor kernel
-                checks = torch._foreach_norm(grads, float("inf"))
+            else:  # one multi-tensor kernel; max |g| squared, in fp32
+                checks = [c.float().square() for c in torch._foreach_norm(grads, float("inf"))]
             for i, ok in zip(indices, torch.stack(checks).isfinite().tolist(), strict=True):
                 finite[i] = ok
         return finite

@@ -242,7 +242,7 @@ def _validate(g: dict[str, Any]) -> None:
     """Check the LMD hyperparameters of a group (see :class:`LMD` for the ranges) but
     ``adamw``, ``seed``, ``foreach`` and ``compiled``, which the base class checks."""
     inf = math.inf
-    require_range("lr", g["lr"], 0.0, inf, low_open=True)
+    require_range("lr", g["lr"], 0.0, inf)  # 0 as torch: schedules reach it
     require_range("momentum", g["momentum"], 0.0, 1.0, high_open=True)
     require_range("sigma", g["sigma"], 0.0, 1.0)
     require_range("weight_decay", g["weight_decay"], 0.0, inf)
@@ -327,7 +327,7 @@ class LMD(LowPrecisionOptimizer):
 
     Args:
         params: parameters or parameter groups (every argument below may be set per group).
-        lr: multiplicative step in nats per step (> 0).
+        lr: multiplicative step in nats per step (>= 0).
         momentum: EMA coefficient of the gradient momentum, in [0, 1).
         sigma: log-std of the sampling noise ``eps = exp(sigma * xi)``, in [0, 1].
         weight_decay: strength ``lambda`` of the decay of ``log m`` toward ``log m_ref``
@@ -399,6 +399,7 @@ class LMD(LowPrecisionOptimizer):
         self._sampled: list[Tensor] | None = None
         self._sampled_draw: int | None = None
         self._drawn = False
+        self._written: dict[Tensor, int] = {}
         track(self)  # Fabric's plugin finds this optimizer by its parameters
 
     # -- the posterior protocol (lightning_lowprec.posterior.PosteriorOptimizer) ----------
@@ -437,6 +438,8 @@ class LMD(LowPrecisionOptimizer):
                 state = self._state(p, group)
                 if state["adamw"]:
                     continue
+                if self._sampled is None:
+                    self._adopt_write(p, group, state)
                 keys = self._keys(group, state["index"], state["step"], p.device, draw)
                 lp, ln, noise = state["log_median_pos"], state["log_median_neg"], group["noise"]
                 if use_compiled(group, p.device):
@@ -470,7 +473,15 @@ class LMD(LowPrecisionOptimizer):
                     guard=True)
             else:
                 _point_estimate_tensor(p, lp, ln, scale, mean)
+            self._written[p] = p._version
         self._sampled = None
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the state; the parameters as they are now are taken to match the loaded
+        log-medians (a resume loads the model first), so their earlier writes are not
+        adopted."""
+        super().load_state_dict(state_dict)
+        self._written = {p: p._version for p in self.state}
 
     def sampled_params(self) -> AbstractContextManager[None]:
         """``with optimizer.sampled_params(): loss = f(model(x)); loss.backward()``: the
@@ -547,12 +558,7 @@ class LMD(LowPrecisionOptimizer):
         half = 1.0 / group["weight_decay"] if group["weight_decay"] > 0 else math.inf
         scale, mean = _scale(group)
         if group["init"] == "from_weights":
-            target = w / scale if mean else w
-            big = (torch.sqrt(target.square() + 4.0 * m0 * m0) + target.abs()) / 2.0
-            small = m0 * m0 / big
-            positive = target >= 0
-            lp = torch.where(positive, big, small).log_()
-            ln = torch.where(positive, small, big).log_()
+            lp, ln = _log_medians_from_weights(w / scale if mean else w, m0)
         else:
             keys = derive_keys(group["seed"], state["index"], 0, _PURPOSE_INIT)
             zp, zn = normal_pair(p.numel(), torch.tensor(keys, dtype=torch.int32, device=p.device),
@@ -572,9 +578,31 @@ class LMD(LowPrecisionOptimizer):
             state["momentum_neg"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
         if group["init"] != "from_weights":
             _point_estimate_tensor(p, state["log_median_pos"], state["log_median_neg"], scale, mean)
+        self._written[p] = p._version
+
+    def _adopt_write(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """If ``p`` was written since LMD last wrote its point estimate (``load_state_dict``
+        of the model, an EMA swap, a revert to the best weights), re-derive its log-medians
+        from ``p`` as ``init="from_weights"`` does, keeping ``log m_ref``, the bounds and the
+        momentum: the next step then starts from the written weights instead of undoing the
+        write. Call only while ``p`` holds no sample (a sample is LMD's own write)."""
+        if self._written.get(p, p._version) == p._version:
+            return
+        half = 1.0 / group["weight_decay"] if group["weight_decay"] > 0 else math.inf
+        lmr = state["log_m_ref"]
+        scale, mean = _scale(group)
+        w = p.detach().float()
+        lp, ln = _log_medians_from_weights(w / scale if mean else w, math.exp(lmr) / group["m_ref"])
+        state["log_median_pos"].copy_(lp.clamp_(lmr - half, lmr + half))
+        state["log_median_neg"].copy_(ln.clamp_(lmr - half, lmr + half))
+        self._written[p] = p._version
 
     def _update(self, group: dict[str, Any], params: list[Tensor]) -> None:
         states = [self.state[p] for p in params]
+        sampled = set(self._sampled or ())
+        for p, s in zip(params, states, strict=True):
+            if p not in sampled:
+                self._adopt_write(p, group, s)
         half = 1.0 / group["weight_decay"] if group["weight_decay"] > 0 else math.inf
         scale, mean = _scale(group)
         sign_beta = group["sign_beta"]
@@ -622,9 +650,20 @@ class LMD(LowPrecisionOptimizer):
                     [moms_neg[i] for i in idx] if separate else None,
                     [keys[i] for i in idx], [hps[i] for i in idx], **flags,
                 )
+        for p in params:
+            self._written[p] = p._version
         if self._sampled is not None:
             updated = set(params)
             self._sampled = [p for p in self._sampled if p not in updated]
+
+
+def _log_medians_from_weights(target: Tensor, m0: float) -> tuple[Tensor, Tensor]:
+    """``log m±`` with ``m± = (sqrt(w^2 + 4 m0^2) ± w) / 2``: ``m+ - m- = target``,
+    ``m+ m- = m0^2`` (``init="from_weights"``, see :class:`LMD`)."""
+    big = (torch.sqrt(target.square() + 4.0 * m0 * m0) + target.abs()) / 2.0
+    small = m0 * m0 / big
+    positive = target >= 0
+    return torch.where(positive, big, small).log_(), torch.where(positive, small, big).log_()
 
 
 def _scale(group: dict[str, Any]) -> tuple[float, bool]:

@@ -120,7 +120,7 @@ def _validate(g: dict[str, Any]) -> None:
     """Check the Madam hyperparameters of a group (see :class:`Madam` for the ranges) but
     ``adamw``, ``seed``, ``foreach`` and ``compiled``, which the base class checks."""
     inf = math.inf
-    require_range("lr", g["lr"], 0.0, inf, low_open=True)
+    require_range("lr", g["lr"], 0.0, inf)  # 0 as torch: schedules reach it
     require_range("p_scale", g["p_scale"], 0.0, inf, low_open=True)
     require_range("g_bound", g["g_bound"], 0.0, inf, low_open=True)
     require_range("adamw_lr_ratio", g["adamw_lr_ratio"], 0.0, inf)
@@ -144,7 +144,7 @@ class Madam(LowPrecisionOptimizer):
 
     Args:
         params: parameters or parameter groups (every argument below may be set per group).
-        lr: multiplicative step in nats per step (> 0); the reference default 0.01.
+        lr: multiplicative step in nats per step (>= 0); the reference default 0.01.
         p_scale: clamp bound as a multiple of each tensor's initial RMS (> 0).
         g_bound: clamp on the normalised gradient (> 0).
         adamw: ``"auto"``, ``"always"`` or ``"never"``.

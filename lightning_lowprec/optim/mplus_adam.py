@@ -80,6 +80,13 @@ def _round_bf16_stochastic(w: Tensor, keys: Tensor) -> Tensor:
     return ((bits + noise) & ~_BF16_DROPPED_BITS).view(torch.float32)
 
 
+def _ema_sq_(v: Tensor, x: Tensor, weight: Any) -> Tensor:
+    """``v <- (1 - weight) * v + weight * x`` for a second moment (``x = g**2 >= 0``): an inf
+    in ``v`` stays inf (the update then is 0) where :func:`ema_`'s ``inf + w * (x - inf)``
+    would be NaN and spread into the weight."""
+    return v.mul_(1.0 - weight).add_(x.mul_(weight))
+
+
 def _update_tensor(
     p: Tensor, g: Tensor, m: Tensor, v: Tensor, ve: Tensor | None, keys: Tensor | None,
     hp: Sequence[Any], *, bf16: str | None, write: bool, small: bool = False,
@@ -101,12 +108,12 @@ def _update_tensor(
     g = g.float()
     m32, v32 = m.float(), v.float()
     ema_(m32, g, w1, low_weight)
-    ema_(v32, g * g, w2, low_weight)
+    _ema_sq_(v32, g * g, w2)
     ua = (m32 * step_a).div_(v32.sqrt().mul_(inv_bc2_sqrt).add_(eps))
     if ve is not None:
         ve32 = ve.float()
         ge = (w * g).mul_(_LN2)
-        ema_(ve32, ge * ge, w2, low_weight)
+        _ema_sq_(ve32, ge * ge, w2)
         de = ge.div_(ve32.sqrt().mul_(inv_bc2_sqrt).add_(eps)).mul_(step_m)
         factor = expm1_small(de) if small else torch.expm1(de)
         w_new = (w * factor.add_(decay)).add_(ua)
@@ -150,7 +157,10 @@ def _update_foreach(
     gs = [g.float() for g in gs]
     m32s, v32s = [m.float() for m in ms], [v.float() for v in vs]
     torch._foreach_lerp_(m32s, gs, w1)
-    torch._foreach_lerp_(v32s, torch._foreach_mul(gs, gs), w2)
+    torch._foreach_mul_(v32s, 1.0 - w2)
+    g2s = torch._foreach_mul(gs, gs)
+    torch._foreach_mul_(g2s, w2)
+    torch._foreach_add_(v32s, g2s)
     uas = torch._foreach_mul(m32s, step_as)
     denom = torch._foreach_sqrt(v32s)
     torch._foreach_mul_(denom, inv_bc2s)
@@ -160,7 +170,10 @@ def _update_foreach(
         ve32s = [ve.float() for ve in ves]
         ges = torch._foreach_mul(ws, gs)
         torch._foreach_mul_(ges, _LN2)
-        torch._foreach_lerp_(ve32s, torch._foreach_mul(ges, ges), w2)
+        torch._foreach_mul_(ve32s, 1.0 - w2)
+        ge2s = torch._foreach_mul(ges, ges)
+        torch._foreach_mul_(ge2s, w2)
+        torch._foreach_add_(ve32s, ge2s)
         denom = torch._foreach_sqrt(ve32s)
         torch._foreach_mul_(denom, inv_bc2s)
         torch._foreach_add_(denom, eps)
@@ -185,7 +198,7 @@ def _validate(g: dict[str, Any]) -> None:
     """Check the M+Adam hyperparameters of a group (see :class:`MPlusAdam` for the ranges) but
     ``adamw``, ``seed``, ``foreach`` and ``compiled``, which the base class checks."""
     inf = math.inf
-    require_range("lr", g["lr"], 0.0, inf, low_open=True)
+    require_range("lr", g["lr"], 0.0, inf)  # 0 as torch: schedules reach it
     require_betas("betas", g["betas"])
     require_range("eps", g["eps"], 0.0, inf)
     require_range("weight_decay", g["weight_decay"], 0.0, inf)
@@ -195,6 +208,13 @@ def _validate(g: dict[str, Any]) -> None:
             f"one of {tuple(STORAGE_FORMATS)}")
     require(g["rounding"] in (None, "even", "stochastic"), "rounding", g["rounding"],
             "None, 'even' or 'stochastic'")
+    if g["storage"] in ("fp8_e4m3", "fp8_e5m2"):
+        params = g.get("params", ())
+        for p in [params] if isinstance(params, Tensor) else params:
+            p = p[1] if isinstance(p, tuple) else p  # (name, parameter)
+            require(p.dtype not in (torch.bfloat16, torch.float16), "storage", g["storage"],
+                    f"float32 parameters for FP8 storage (a per-tensor-scaled FP8 value is not "
+                    f"exact in {p.dtype}), or storage None, 'bf16' or 'fp4_e2m1' for them")
     valid_dtypes = (None, "float32", "bfloat16", torch.float32, torch.bfloat16)
     require(g["state_dtype"] in valid_dtypes, "state_dtype", g["state_dtype"],
             "None, float32 or bfloat16 (a torch.dtype or its name)")
@@ -209,7 +229,8 @@ class MPlusAdam(LowPrecisionOptimizer):
     step) or ``"fp4_e2m1"`` (the MXFP4 grid: a power-of-two scale per 32 elements along the last
     dim; there is no per-tensor FP4). The rounded value is written into the parameter, whose
     dtype holds it exactly for BF16 storage; for FP8/FP4 keep the parameter fp32 (emulation:
-    a bf16 tensor cannot hold a per-tensor-scaled FP8 value exactly). No FP32 copy is kept.
+    a bf16 tensor cannot hold a per-tensor-scaled FP8 value exactly, so bf16 or fp16
+    parameters with FP8 storage are refused). No FP32 copy is kept.
 
     **Rounding** (``rounding``): ``"even"`` (round to nearest, ties to even) or ``"stochastic"``
     (unbiased). ``None`` picks per storage: ``"even"`` for ``None``/``"bf16"`` (measured fine),
@@ -239,7 +260,7 @@ class MPlusAdam(LowPrecisionOptimizer):
 
     Args:
         params: parameters or parameter groups (every argument below may be set per group).
-        lr: learning rate of the additive branch, in weight units per step (> 0).
+        lr: learning rate of the additive branch, in weight units per step (>= 0).
         betas: ``(beta1, beta2)``; ``beta2`` also drives the multiplicative second moment.
         eps: added to both root second moments (>= 0).
         weight_decay: decoupled weight decay, ``w *= 1 - lr * weight_decay`` (>= 0).
