@@ -91,7 +91,9 @@ def hash32(x: Tensor) -> Tensor:
     return x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF))
 
 
-def random_words(numel: int, keys: Tensor, streams: int = 1) -> list[Tensor]:
+def random_words(
+    numel: int, keys: Tensor, streams: int = 1, offset: Tensor | None = None
+) -> list[Tensor]:
     """``streams`` int32 tensors of ``numel`` random 32-bit words each.
 
     Args:
@@ -99,8 +101,16 @@ def random_words(numel: int, keys: Tensor, streams: int = 1) -> list[Tensor]:
         keys: int32 tensor of at least ``streams + 1`` keys from :func:`derive_keys`, on the
             device the words are wanted on (a tensor, so a compiled caller does not recompile
             when the keys change).
+        offset: int64 scalar tensor: the words of elements ``offset .. offset + numel - 1``
+            (a shard of a larger tensor gets exactly its slice of the whole tensor's words;
+            the split index path below gives every index the words the int32 path does).
     """
-    if numel <= 1 << _LOW_BITS:
+    if offset is not None:
+        index = torch.arange(numel, dtype=torch.int64, device=keys.device).add_(offset)
+        high = (index >> _LOW_BITS).to(torch.int32)
+        low = (index & ((1 << _LOW_BITS) - 1)).to(torch.int32)
+        y = hash32(low ^ hash32(high + keys[0]))
+    elif numel <= 1 << _LOW_BITS:
         index = torch.arange(numel, dtype=torch.int32, device=keys.device)
         y = hash32(index.bitwise_xor_(hash32(keys[0])))
     else:
@@ -118,12 +128,15 @@ def _irwin_hall(x: Tensor) -> Tensor:
     return total.to(torch.float32).sub_(_IRWIN_HALL_MEAN).mul_(1.0 / _IRWIN_HALL_STD)
 
 
-def normal_pair(numel: int, keys: Tensor, kind: NoiseKind = "irwin_hall") -> tuple[Tensor, Tensor]:
+def normal_pair(
+    numel: int, keys: Tensor, kind: NoiseKind = "irwin_hall", offset: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Two independent standard-normal float32 vectors of ``numel`` elements (see module doc).
 
-    ``keys`` needs 3 entries. The result is a pure function of ``(keys, numel, kind)``.
+    ``keys`` needs 3 entries. The result is a pure function of ``(keys, numel, kind)``;
+    ``offset`` selects elements ``offset ..`` of the longer vectors (see :func:`random_words`).
     """
-    a, b = random_words(numel, keys, streams=2)
+    a, b = random_words(numel, keys, streams=2, offset=offset)
     if kind == "irwin_hall":
         return _irwin_hall(a), _irwin_hall(b)
     # Box-Muller on two 24-bit uniforms: u1 in (0, 1] keeps the log finite.

@@ -29,6 +29,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_lowprec.optim import sharded
 from lightning_lowprec.optim.base import (
     EXP_NORMAL_RANGE,
     AdamWMode,
@@ -95,11 +96,12 @@ def _exp_(x: Tensor, inline: bool, guard: bool = False) -> Tensor:
 
 
 def _sample_tensor(
-    p: Tensor, lp: Tensor, ln: Tensor, keys: Tensor, sigma: Any, noise: str, *,
-    inline: bool = False,
+    p: Tensor, lp: Tensor, ln: Tensor, keys: Tensor, sigma: Any, noise: str,
+    offset: Tensor | None = None, *, inline: bool = False,
 ) -> None:
-    """Write ``m+ exp(sigma xi+) - m- exp(sigma xi-)`` into ``p`` (noise from ``keys``)."""
-    xp, xn = normal_pair(lp.numel(), keys, noise)
+    """Write ``m+ exp(sigma xi+) - m- exp(sigma xi-)`` into ``p`` (noise from ``keys``; a
+    shard starting at global element ``offset`` takes that slice of the tensor's noise)."""
+    xp, xn = normal_pair(lp.numel(), keys, noise, offset)
     theta_pos = _exp_(xp.view_as(lp).mul_(sigma).add_(lp), inline, guard=True)
     p.copy_(theta_pos.sub_(_exp_(xn.view_as(ln).mul_(sigma).add_(ln), inline, guard=True)))
 
@@ -117,19 +119,21 @@ def _update_tensor(
     p: Tensor, g: Tensor, lp: Tensor, ln: Tensor, up: Tensor, un: Tensor | None,
     keys: Tensor | None, hp: Sequence[Any], *, separate: bool, interp: bool, drawn: bool,
     noise: str, mean: bool, inline: bool = False, low_weight: bool = False,
+    offset: Tensor | None = None,
 ) -> None:
     """One LMD update of one tensor, then the point estimate into ``p``.
 
     ``hp`` = (lr, 1 - momentum, 1 - sign_beta, weight_decay, log m_ref, low, high, sigma,
     point-estimate scale): floats in eager mode, a 1-D fp32 tensor when compiled. Used by the
     single-tensor path and, through :func:`compiled`, by the compiled path (``inline``: see
-    :func:`_exp_`; ``low_weight``: ``1 - momentum < 0.5``, see :func:`ema_`).
+    :func:`_exp_`; ``low_weight``: ``1 - momentum < 0.5``, see :func:`ema_`; ``offset``: see
+    :func:`_sample_tensor`).
     """
     lr, w_momentum, w_sign, wd, lmr, low, high, sigma, scale = hp
     g = g.float()
     if separate:
         if drawn:
-            xp, xn = normal_pair(lp.numel(), keys, noise)
+            xp, xn = normal_pair(lp.numel(), keys, noise, offset)
             tp = _exp_(lp + sigma * xp.view_as(lp), inline, guard=True)
             tn = _exp_(ln + sigma * xn.view_as(ln), inline, guard=True)
         else:
@@ -153,7 +157,7 @@ def _update_foreach(
     ps: list[Tensor], gs: list[Tensor], lps: list[Tensor], lns: list[Tensor],
     ups: list[Tensor], uns: list[Tensor] | None, keys: list[Tensor | None],
     hps: list[Sequence[float]], *, separate: bool, interp: bool, drawn: bool, noise: str,
-    mean: bool,
+    mean: bool, offsets: list[Tensor | None] | None = None,
 ) -> None:
     """:func:`_update_tensor` over lists with ``torch._foreach_*`` ops (same arithmetic)."""
     lr, w_momentum, w_sign, wd, _, _, _, sigma, scale = hps[0]
@@ -172,8 +176,9 @@ def _update_foreach(
     if separate:
         if drawn:
             tps, tns = [], []
-            for lp, ln, k in zip(lps, lns, keys, strict=True):
-                xp, xn = normal_pair(lp.numel(), k, noise)
+            offsets = offsets or [None] * len(lps)
+            for lp, ln, k, o in zip(lps, lns, keys, offsets, strict=True):
+                xp, xn = normal_pair(lp.numel(), k, noise, o)
                 tps.append(torch.exp(lp + sigma * xp.view_as(lp)))
                 tns.append(torch.exp(ln + sigma * xn.view_as(ln)))
         else:
@@ -408,15 +413,20 @@ class LMD(LowPrecisionOptimizer):
                 state = self._state(p, group)
                 if state["adamw"]:
                     continue
-                keys = self._keys(group, state["index"], state["step"], p.device, draw)
-                lp, ln, noise = state["log_median_pos"], state["log_median_neg"], group["noise"]
+                sampled.append(p)
+                shard = sharded.local(p)
+                if shard.numel() == 0:
+                    continue
+                keys = self._keys(group, state["index"], state["step"], shard.device, draw)
+                lp = sharded.local(state["log_median_pos"])
+                ln = sharded.local(state["log_median_neg"])
+                noise, offset = group["noise"], sharded.offset_tensor(p)
                 if group["compiled"]:
-                    sigma = torch.tensor(group["sigma"], dtype=torch.float32, device=p.device)
-                    compiled(_sample_tensor)(p, lp, ln, keys, sigma, noise,
+                    sigma = torch.tensor(group["sigma"], dtype=torch.float32, device=shard.device)
+                    compiled(_sample_tensor)(shard, lp, ln, keys, sigma, noise, offset,
                                              inline=_exp_in_range(group, state["log_m_ref"]))
                 else:
-                    _sample_tensor(p, lp, ln, keys, group["sigma"], noise)
-                sampled.append(p)
+                    _sample_tensor(shard, lp, ln, keys, group["sigma"], noise, offset)
         self._sampled, self._sampled_draw = sampled, draw
         if draw is None:
             self._drawn = True
@@ -430,7 +440,10 @@ class LMD(LowPrecisionOptimizer):
         for p in self._sampled:
             group, state = groups[p], self.state[p]
             scale, mean = _scale(group)
-            lp, ln = state["log_median_pos"], state["log_median_neg"]
+            lp, ln = sharded.local(state["log_median_pos"]), sharded.local(state["log_median_neg"])
+            p = sharded.local(p)
+            if p.numel() == 0:
+                continue
             if group["compiled"]:
                 scale = torch.tensor(scale, dtype=torch.float32, device=p.device)
                 compiled(_point_estimate_tensor)(
@@ -504,10 +517,10 @@ class LMD(LowPrecisionOptimizer):
         if state["adamw"]:
             self._init_adamw_state(p, state)
             return
-        w = p.detach().float()
-        s = w.square().mean().sqrt().item()
+        w = sharded.local(p).detach().float()
+        s = math.sqrt(sharded.mean_square(p))
         if not 0.0 < s < math.inf:
-            fan_in = p[0].numel() if p.ndim >= 2 else p.numel()
+            fan_in = math.prod(p.shape[1:]) if p.ndim >= 2 else p.numel()
             s = 1.0 / math.sqrt(fan_in)
         e = math.exp(group["init_sigma"] ** 2)
         m0 = s / math.sqrt(2.0 * e * (e - 1.0))
@@ -523,8 +536,8 @@ class LMD(LowPrecisionOptimizer):
             ln = torch.where(positive, small, big).log_()
         else:
             keys = derive_keys(group["seed"], state["index"], 0, _PURPOSE_INIT)
-            zp, zn = normal_pair(p.numel(), torch.tensor(keys, dtype=torch.int32, device=p.device),
-                                 "box_muller")
+            zp, zn = normal_pair(w.numel(), torch.tensor(keys, dtype=torch.int32, device=w.device),
+                                 "box_muller", sharded.offset_tensor(p))
             zp, zn = zp.view_as(w), zn.view_as(w)
             if group["init"] == "moment_matched":
                 lp = math.log(m0) + group["init_sigma"] * zp
@@ -539,7 +552,8 @@ class LMD(LowPrecisionOptimizer):
         if group["separate_momentum"]:
             state["momentum_neg"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
         if group["init"] != "from_weights":
-            _point_estimate_tensor(p, state["log_median_pos"], state["log_median_neg"], scale, mean)
+            _point_estimate_tensor(sharded.local(p), state["log_median_pos"],
+                                   state["log_median_neg"], scale, mean)
 
     def _update(self, group: dict[str, Any], params: list[Tensor]) -> None:
         states = [self.state[p] for p in params]
@@ -574,11 +588,11 @@ class LMD(LowPrecisionOptimizer):
                 fn(p, p.grad, s["log_median_pos"], s["log_median_neg"], s["momentum"],
                    moms_neg[i], keys[i], table[i].to(p.device),
                    inline=_exp_in_range(group, s["log_m_ref"]),
-                   low_weight=group["momentum"] > 0.5, **flags)
+                   low_weight=group["momentum"] > 0.5, offset=s.get("offset"), **flags)
         elif group["foreach"] is False:
             for p, s, un, k, hp in zip(params, states, moms_neg, keys, hps, strict=True):
                 _update_tensor(p, p.grad, s["log_median_pos"], s["log_median_neg"],
-                               s["momentum"], un, k, hp, **flags)
+                               s["momentum"], un, k, hp, offset=s.get("offset"), **flags)
         else:
             for idx in by_device(params):
                 _update_foreach(
@@ -587,10 +601,11 @@ class LMD(LowPrecisionOptimizer):
                     [states[i]["log_median_neg"] for i in idx],
                     [states[i]["momentum"] for i in idx],
                     [moms_neg[i] for i in idx] if separate else None,
-                    [keys[i] for i in idx], [hps[i] for i in idx], **flags,
+                    [keys[i] for i in idx], [hps[i] for i in idx],
+                    offsets=[states[i].get("offset") for i in idx], **flags,
                 )
         if self._sampled is not None:
-            updated = set(params)
+            updated = {self._owner(p) for p in params}
             self._sampled = [p for p in self._sampled if p not in updated]
 
 
