@@ -93,7 +93,8 @@ def wrap_like(p: Tensor, t: Tensor) -> Tensor:
 
 def global_sums(values: Sequence[Tensor], params: Sequence[Tensor],
                 op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> list[Tensor]:
-    """``values[i]`` (a scalar computed on ``params[i]``'s local shard) reduced by ``op``
+    """``values[i]`` (a scalar computed on ``params[i]``'s local shard, all of one dtype)
+    reduced by ``op``
     over the ranks ``params[i]`` is sharded over; unsharded parameters' values unchanged.
 
     One collective per mesh dimension in use (all FSDP2 parameters share one), so a step
@@ -109,7 +110,7 @@ def global_sums(values: Sequence[Tensor], params: Sequence[Tensor],
                 groups.setdefault((id(p.device_mesh), mesh_dim), []).append(i)
                 meshes[id(p.device_mesh)] = p.device_mesh
     for (mesh_id, mesh_dim), idx in groups.items():
-        box = torch.stack([out[i].float().reshape(()) for i in idx])
+        box = torch.stack([out[i].reshape(()) for i in idx])
         dist.all_reduce(box, op=op, group=meshes[mesh_id].get_group(mesh_dim))
         for j, i in enumerate(idx):
             out[i] = box[j]
@@ -117,8 +118,14 @@ def global_sums(values: Sequence[Tensor], params: Sequence[Tensor],
 
 
 def mean_square(p: Tensor) -> float:
-    """``mean(p**2)`` over the whole (global) tensor, in fp32 (a collective when sharded)."""
-    square_sum = local(p).detach().float().square().sum()
+    """``mean(p**2)`` over the whole (global) tensor (a collective when sharded).
+
+    The fp32 squares are summed in fp64, so that the order of the sum (one tensor, or shard
+    sums added across ranks) changes the result by ~1e-16 relative: far below the fp32
+    rounding of anything computed from it, so sharded and unsharded runs start bit-identical
+    (an fp32 sum differed in the last bits and LMD's sign dynamics amplified that, measured).
+    """
+    square_sum = local(p).detach().float().square().sum(dtype=torch.float64)
     (square_sum,) = global_sums([square_sum], [p])
     return square_sum.item() / max(p.numel(), 1)
 
