@@ -1,6 +1,7 @@
 """lightning-lowprec: stable low-precision training for PyTorch Lightning and LitGPT."""
 
 from lightning_lowprec.formats import FORMATS, Format, parse
+from lightning_lowprec.fsdp import fully_shard_blocks
 from lightning_lowprec.litgpt import placement as _litgpt_placement  # noqa: F401 (registers it)
 from lightning_lowprec.nn import QuantizedLinear, quantize_linears
 from lightning_lowprec.optim import LMD, Madam, MPlusAdam
@@ -15,6 +16,7 @@ __all__ = [
     "LowPrecisionPlugin",
     "MPlusAdam",
     "Madam",
+    "fully_shard_blocks",
     "QuantizedLinear",
     "parse",
     "quantize",

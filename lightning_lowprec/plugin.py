@@ -311,8 +311,10 @@ class LowPrecision(FabricPrecision):
 
         Whether the forward runs at a sample was decided by the module (Fabric: its forward
         pre-hook; Trainer: the step context); if it raises, the backward that would restore
-        the point estimate never comes.
+        the point estimate never comes. Under FSDP2 the sampler's forward hook is moved in
+        front of ``fully_shard``'s all-gather first (:meth:`PosteriorSampler.hooks_first`).
         """
+        self._sampler.hooks_first()
         with self._sampler.restoring_on_error(), self._dtype_context():
             yield
 

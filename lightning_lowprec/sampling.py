@@ -86,6 +86,9 @@ class PosteriorSampler:
         # id(module) -> (ownership_changes(), module, its optimizers), all weakly: walking a
         # model's parameters costs ~0.5 ms per forward for pythia-14m, the cache ~1 us.
         self._owners: dict[int, tuple[int, weakref.ref, list[weakref.ref]]] = {}
+        # module -> the handle of its per-forward hook (see :meth:`hooks_first`).
+        self._forward_hooks: weakref.WeakKeyDictionary[nn.Module, Any] = (
+            weakref.WeakKeyDictionary())
 
     def __getstate__(self) -> dict[str, Any]:
         """The setting only: a ``WeakSet`` cannot be pickled, and a spawned process attaches
@@ -106,7 +109,23 @@ class PosteriorSampler:
         module.register_state_dict_post_hook(_Hook(ref, "_after_state_dict"))
         module.register_load_state_dict_pre_hook(_Hook(ref, "_before_load"))
         if per_forward:
-            module.register_forward_pre_hook(_Hook(ref, "_before_forward"))
+            self._forward_hooks[module] = module.register_forward_pre_hook(
+                _Hook(ref, "_before_forward"), prepend=True)
+
+    def hooks_first(self) -> None:
+        """Put each module's per-forward hook back in front of its forward pre-hooks.
+
+        Under FSDP2 (``ModelParallelStrategy``, whose ``fully_shard`` runs after the plugin's
+        ``convert_module``) the module's first pre-hook all-gathers the sharded parameters;
+        the sample has to be in the shards before that, so the sampler's hook must run first.
+        One dict lookup per module and forward when nothing moved.
+        """
+        for module, handle in list(self._forward_hooks.items()):
+            if next(iter(module._forward_pre_hooks), None) != handle.id:
+                hook = module._forward_pre_hooks[handle.id]
+                handle.remove()
+                self._forward_hooks[module] = module.register_forward_pre_hook(
+                    hook, prepend=True)
 
     def claim(self, optimizers: Iterable[Any]) -> None:
         """The posterior ones among ``optimizers`` own their parameters from now on (the

@@ -23,6 +23,9 @@
   torch's rule for the eager kernels (``torch._foreach_*`` on CUDA, one tensor at a time on
   CPU, where batching gains nothing and holds every temporary at once).
   :func:`use_compiled` and :func:`use_foreach` resolve the two settings.
+* **FSDP2.** ``DTensor`` parameters (``ModelParallelStrategy``) are updated shard by shard
+  with the same kernels, and every per-tensor decision is taken on the whole tensor
+  (:mod:`~lightning_lowprec.optim.sharded`), so a step does not depend on the world size.
 * **Loading.** ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to
   its parameter's dtype; these optimizers keep fp32 state beside bf16 weights (a bf16 log-median
   or second moment would stall), so :meth:`LowPrecisionOptimizer.load_state_dict` restores the
@@ -44,6 +47,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
+
+from lightning_lowprec.optim import sharded
 
 __all__ = [
     "ADAMW_MODES", "COMPILED_MIN_NUMEL", "COMPILED_MODES", "COMPILE_ENV", "EXP_NORMAL_RANGE",
@@ -330,7 +335,7 @@ def by_device(tensors: list[Tensor]) -> list[list[int]]:
 def uses_adamw(p: Tensor, mode: str) -> bool:
     """Whether the AdamW rule handles ``p`` under ``mode`` (decided once, at state creation)."""
     if mode == "auto":
-        return p.ndim < 2 or not bool(p.detach().any())
+        return p.ndim < 2 or not sharded.any_nonzero(p)
     return mode == "always"
 
 
@@ -382,6 +387,7 @@ class LowPrecisionOptimizer(Optimizer):
         self._check_group(defaults)
         super().__init__(params, defaults)
         self._index: dict[Tensor, int] | None = None
+        self._owners: dict[Tensor, Tensor] = {}
         self._reported: set[str] = set()
 
     def _report_compile(self, what: str, start: float) -> None:
@@ -441,7 +447,15 @@ class LowPrecisionOptimizer(Optimizer):
             state["index"] = self._param_index(p)
             state["adamw"] = uses_adamw(p, group["adamw"])
             self._init_state(p, group, state)
+            for key, value in state.items():  # state made from the local shard: lay it out
+                if isinstance(value, Tensor):
+                    state[key] = sharded.wrap_like(p, value)
         return state
+
+    def _owner(self, p: Tensor) -> Tensor:
+        """The parameter ``p`` stands for: itself, or the ``DTensor`` whose local shard it is
+        (inside :func:`~lightning_lowprec.optim.sharded.local_view`)."""
+        return self._owners.get(p, p)
 
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """Fill ``state`` (which already holds ``step``, ``skipped``, ``index``, ``adamw``)."""
@@ -460,14 +474,16 @@ class LowPrecisionOptimizer(Optimizer):
         """Per parameter: is its whole gradient finite? One host sync per device.
 
         ``fast[i]`` (the parameter's group is ``compiled``) lets a large CPU gradient take
-        :func:`_quarter_sum`.
+        :func:`_quarter_sum`. A sharded gradient is checked on its local shard and the checks
+        are summed (max-reduced on GPUs) over the shards in one collective.
         """
         if any(p.grad.is_sparse for p in params):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
         finite = [True] * len(params)
         for indices in by_device(params):
-            grads = [params[i].grad for i in indices]
-            if grads[0].device.type == "cpu":
+            grads = [sharded.local(params[i].grad) for i in indices]
+            cpu = grads[0].device.type == "cpu"
+            if cpu:
                 # The fp32 norm (no rescaling on CPU) is non-finite iff an element or the
                 # sum of squares is, and it is cheaper on CPU than torch's max-abs reduction.
                 checks = [
@@ -477,6 +493,10 @@ class LowPrecisionOptimizer(Optimizer):
                 ]
             else:  # one multi-tensor kernel; max |g| squared, in fp32
                 checks = [c.float().square() for c in torch._foreach_norm(grads, float("inf"))]
+            checks = sharded.global_sums(
+                checks, [params[i] for i in indices],
+                dist.ReduceOp.SUM if cpu else dist.ReduceOp.MAX,
+            )
             for i, ok in zip(indices, torch.stack(checks).isfinite().tolist(), strict=True):
                 finite[i] = ok
         return finite
@@ -533,10 +553,10 @@ class LowPrecisionOptimizer(Optimizer):
                     state["skipped"] += 1
             adamw = [p for p in ok if self.state[p]["adamw"]]
             own = [p for p in ok if not self.state[p]["adamw"]]
-            if adamw:
-                self._adamw_rule(group, adamw)
-            if own:
-                self._update(group, own)
+            for rule, subset in ((self._adamw_rule, adamw), (self._update, own)):
+                with sharded.local_view(self.state, subset, self._owners) as views:
+                    if views:
+                        rule(group, views)
         if any(fast):
             self._report_compile("step", start)
 

@@ -91,18 +91,29 @@ def hash32(x: Tensor) -> Tensor:
     return x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF))
 
 
-def random_words(numel: int, keys: Tensor, streams: int = 1, start: int = 0) -> list[Tensor]:
+def random_words(
+    numel: int, keys: Tensor, streams: int = 1, offset: int | Tensor | None = None
+) -> list[Tensor]:
     """``streams`` int32 tensors of ``numel`` random 32-bit words each, for the elements
-    ``start .. start + numel - 1`` (a chunk of a larger tensor gets that tensor's words).
+    ``offset .. offset + numel - 1`` of a longer vector: a chunk or a shard of a larger tensor
+    gets exactly its slice of the whole tensor's words.
 
     Args:
         numel: number of elements (element ``i`` gets the same words whatever ``numel`` is).
         keys: int32 tensor of at least ``streams + 1`` keys from :func:`derive_keys`, on the
             device the words are wanted on (a tensor, so a compiled caller does not recompile
             when the keys change).
-        start: index of the first element.
+        offset: index of the first element (``None``: 0) — an int (an eager chunk), or an
+            int64 scalar tensor (a shard's global offset, so a compiled caller does not
+            recompile per shard). The split index path below gives every index the words the
+            int32 path does.
     """
-    if start + numel <= 1 << _LOW_BITS:
+    if isinstance(offset, Tensor):
+        index = torch.arange(numel, dtype=torch.int64, device=keys.device).add_(offset)
+        high = (index >> _LOW_BITS).to(torch.int32)
+        low = (index & ((1 << _LOW_BITS) - 1)).to(torch.int32)
+        y = hash32(low ^ hash32(high + keys[0]))
+    elif (start := offset or 0) + numel <= 1 << _LOW_BITS:
         index = torch.arange(start, start + numel, dtype=torch.int32, device=keys.device)
         y = hash32(index.bitwise_xor_(hash32(keys[0])))
     else:
@@ -121,14 +132,15 @@ def _irwin_hall(x: Tensor) -> Tensor:
 
 
 def normal_pair(
-    numel: int, keys: Tensor, kind: NoiseKind = "irwin_hall", start: int = 0
+    numel: int, keys: Tensor, kind: NoiseKind = "irwin_hall",
+    offset: int | Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Two independent standard-normal float32 vectors of ``numel`` elements (see module doc).
 
-    ``keys`` needs 3 entries. The result is a pure function of ``(keys, start, numel, kind)``;
-    ``start`` as in :func:`random_words`.
+    ``keys`` needs 3 entries. The result is a pure function of ``(keys, offset, numel, kind)``;
+    ``offset`` selects elements ``offset ..`` of the longer vectors (see :func:`random_words`).
     """
-    a, b = random_words(numel, keys, streams=2, start=start)
+    a, b = random_words(numel, keys, streams=2, offset=offset)
     if kind == "irwin_hall":
         return _irwin_hall(a), _irwin_hall(b)
     # Box-Muller on two 24-bit uniforms: u1 in (0, 1] keeps the log finite.

@@ -30,6 +30,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_lowprec.optim import sharded
 from lightning_lowprec.optim.base import (
     EXP_NORMAL_RANGE,
     AdamWMode,
@@ -103,27 +104,29 @@ def _exp_(x: Tensor, inline: bool, guard: bool = False) -> Tensor:
 
 
 def _sample_tensor(
-    p: Tensor, lp: Tensor, ln: Tensor, keys: Tensor, sigma: Any, noise: str, *,
-    inline: bool = False, start: int = 0,
+    p: Tensor, lp: Tensor, ln: Tensor, keys: Tensor, sigma: Any, noise: str,
+    offset: int | Tensor | None = None, *, inline: bool = False,
 ) -> None:
-    """Write ``m+ exp(sigma xi+) - m- exp(sigma xi-)`` into ``p`` (noise from ``keys``; ``p``
-    may be the chunk of a tensor that begins at element ``start``)."""
-    xp, xn = normal_pair(lp.numel(), keys, noise, start=start)
+    """Write ``m+ exp(sigma xi+) - m- exp(sigma xi-)`` into ``p`` (noise from ``keys``; a
+    chunk or shard starting at element ``offset`` of the whole tensor takes that slice of the
+    tensor's noise, see :func:`~lightning_lowprec.optim.counter_rng.random_words`)."""
+    xp, xn = normal_pair(lp.numel(), keys, noise, offset)
     theta_pos = _exp_(xp.view_as(lp).mul_(sigma).add_(lp), inline, guard=True)
     p.copy_(theta_pos.sub_(_exp_(xn.view_as(ln).mul_(sigma).add_(ln), inline, guard=True)))
 
 
 def _sample_chunked(
-    p: Tensor, lp: Tensor, ln: Tensor, keys: Tensor, sigma: float, noise: str
+    p: Tensor, lp: Tensor, ln: Tensor, keys: Tensor, sigma: float, noise: str, offset: int = 0
 ) -> None:
-    """:func:`_sample_tensor`, eagerly, in chunks of ``_EAGER_CHUNK`` elements (same values)."""
+    """:func:`_sample_tensor`, eagerly, in chunks of ``_EAGER_CHUNK`` elements (same values;
+    ``p`` may be a shard that begins at element ``offset`` of its tensor)."""
     if not p.is_contiguous() or p.numel() <= _EAGER_CHUNK:
-        _sample_tensor(p, lp, ln, keys, sigma, noise)
+        _sample_tensor(p, lp, ln, keys, sigma, noise, offset)
         return
     flat, fp, fn = p.view(-1), lp.view(-1), ln.view(-1)
     for a in range(0, flat.numel(), _EAGER_CHUNK):
         b = a + _EAGER_CHUNK
-        _sample_tensor(flat[a:b], fp[a:b], fn[a:b], keys, sigma, noise, start=a)
+        _sample_tensor(flat[a:b], fp[a:b], fn[a:b], keys, sigma, noise, offset + a)
 
 
 def _point_estimate_tensor(
@@ -139,19 +142,21 @@ def _update_tensor(
     p: Tensor, g: Tensor, lp: Tensor, ln: Tensor, up: Tensor, un: Tensor | None,
     keys: Tensor | None, hp: Sequence[Any], *, separate: bool, interp: bool, drawn: bool,
     noise: str, mean: bool, inline: bool = False, low_weight: bool = False,
+    offset: Tensor | None = None,
 ) -> None:
     """One LMD update of one tensor, then the point estimate into ``p``.
 
     ``hp`` = (lr, 1 - momentum, 1 - sign_beta, weight_decay, log m_ref, low, high, sigma,
     point-estimate scale): floats in eager mode, a 1-D fp32 tensor when compiled. Used by the
     single-tensor path and, through :func:`compiled`, by the compiled path (``inline``: see
-    :func:`_exp_`; ``low_weight``: ``1 - momentum < 0.5``, see :func:`ema_`).
+    :func:`_exp_`; ``low_weight``: ``1 - momentum < 0.5``, see :func:`ema_`; ``offset``: see
+    :func:`_sample_tensor`).
     """
     lr, w_momentum, w_sign, wd, lmr, low, high, sigma, scale = hp
     g = g.float()
     if separate:
         if drawn:
-            xp, xn = normal_pair(lp.numel(), keys, noise)
+            xp, xn = normal_pair(lp.numel(), keys, noise, offset)
             tp = _exp_(lp + sigma * xp.view_as(lp), inline, guard=True)
             tn = _exp_(ln + sigma * xn.view_as(ln), inline, guard=True)
         else:
@@ -175,7 +180,7 @@ def _update_foreach(
     ps: list[Tensor], gs: list[Tensor], lps: list[Tensor], lns: list[Tensor],
     ups: list[Tensor], uns: list[Tensor] | None, keys: list[Tensor | None],
     hps: list[Sequence[float]], *, separate: bool, interp: bool, drawn: bool, noise: str,
-    mean: bool,
+    mean: bool, offsets: list[Tensor | None] | None = None,
 ) -> None:
     """:func:`_update_tensor` over lists with ``torch._foreach_*`` ops (same arithmetic)."""
     lr, w_momentum, w_sign, wd, _, _, _, sigma, scale = hps[0]
@@ -194,8 +199,9 @@ def _update_foreach(
     if separate:
         if drawn:
             tps, tns = [], []
-            for lp, ln, k in zip(lps, lns, keys, strict=True):
-                xp, xn = normal_pair(lp.numel(), k, noise)
+            offsets = offsets or [None] * len(lps)
+            for lp, ln, k, o in zip(lps, lns, keys, offsets, strict=True):
+                xp, xn = normal_pair(lp.numel(), k, noise, o)
                 tps.append(torch.exp(lp + sigma * xp.view_as(lp)))
                 tns.append(torch.exp(ln + sigma * xn.view_as(ln)))
         else:
@@ -438,18 +444,25 @@ class LMD(LowPrecisionOptimizer):
                 state = self._state(p, group)
                 if state["adamw"]:
                     continue
+                sampled.append(p)
+                shard = sharded.local(p)
+                if shard.numel() == 0:
+                    continue
                 if self._sampled is None:
                     self._adopt_write(p, group, state)
-                keys = self._keys(group, state["index"], state["step"], p.device, draw)
-                lp, ln, noise = state["log_median_pos"], state["log_median_neg"], group["noise"]
-                if use_compiled(group, p.device):
+                keys = self._keys(group, state["index"], state["step"], shard.device, draw)
+                lp = sharded.local(state["log_median_pos"])
+                ln = sharded.local(state["log_median_neg"])
+                noise = group["noise"]
+                if use_compiled(group, shard.device):
                     fast = True
-                    sigma = torch.tensor(group["sigma"], dtype=torch.float32, device=p.device)
-                    compiled(_sample_tensor)(p, lp, ln, keys, sigma, noise,
+                    sigma = torch.tensor(group["sigma"], dtype=torch.float32, device=shard.device)
+                    compiled(_sample_tensor)(shard, lp, ln, keys, sigma, noise,
+                                             sharded.offset_tensor(p),
                                              inline=_exp_in_range(group, state["log_m_ref"]))
                 else:
-                    _sample_chunked(p, lp, ln, keys, group["sigma"], noise)
-                sampled.append(p)
+                    _sample_chunked(shard, lp, ln, keys, group["sigma"], noise,
+                                    sharded.flat_offset(p))
         self._sampled, self._sampled_draw = sampled, draw
         if fast:
             self._report_compile("sample", start)
@@ -465,14 +478,17 @@ class LMD(LowPrecisionOptimizer):
         for p in self._sampled:
             group, state = groups[p], self.state[p]
             scale, mean = _scale(group)
-            lp, ln = state["log_median_pos"], state["log_median_neg"]
-            if use_compiled(group, p.device):
-                scale = torch.tensor(scale, dtype=torch.float32, device=p.device)
+            lp, ln = sharded.local(state["log_median_pos"]), sharded.local(state["log_median_neg"])
+            shard = sharded.local(p)
+            if shard.numel() == 0:
+                continue
+            if use_compiled(group, shard.device):
+                scale = torch.tensor(scale, dtype=torch.float32, device=shard.device)
                 compiled(_point_estimate_tensor)(
-                    p, lp, ln, scale, mean, inline=_exp_in_range(group, state["log_m_ref"]),
+                    shard, lp, ln, scale, mean, inline=_exp_in_range(group, state["log_m_ref"]),
                     guard=True)
             else:
-                _point_estimate_tensor(p, lp, ln, scale, mean)
+                _point_estimate_tensor(shard, lp, ln, scale, mean)
             self._written[p] = p._version
         self._sampled = None
 
@@ -547,10 +563,10 @@ class LMD(LowPrecisionOptimizer):
         if state["adamw"]:
             self._init_adamw_state(p, state)
             return
-        w = p.detach().float()
-        s = w.square().mean().sqrt().item()
+        w = sharded.local(p).detach().float()
+        s = math.sqrt(sharded.mean_square(p))
         if not 0.0 < s < math.inf:
-            fan_in = p[0].numel() if p.ndim >= 2 else p.numel()
+            fan_in = math.prod(p.shape[1:]) if p.ndim >= 2 else p.numel()
             s = 1.0 / math.sqrt(fan_in)
         e = math.exp(group["init_sigma"] ** 2)
         m0 = s / math.sqrt(2.0 * e * (e - 1.0))
@@ -561,8 +577,8 @@ class LMD(LowPrecisionOptimizer):
             lp, ln = _log_medians_from_weights(w / scale if mean else w, m0)
         else:
             keys = derive_keys(group["seed"], state["index"], 0, _PURPOSE_INIT)
-            zp, zn = normal_pair(p.numel(), torch.tensor(keys, dtype=torch.int32, device=p.device),
-                                 "box_muller")
+            zp, zn = normal_pair(w.numel(), torch.tensor(keys, dtype=torch.int32, device=w.device),
+                                 "box_muller", sharded.offset_tensor(p))
             zp, zn = zp.view_as(w), zn.view_as(w)
             if group["init"] == "moment_matched":
                 lp = math.log(m0) + group["init_sigma"] * zp
@@ -577,7 +593,8 @@ class LMD(LowPrecisionOptimizer):
         if group["separate_momentum"]:
             state["momentum_neg"] = torch.zeros_like(w, memory_format=torch.contiguous_format)
         if group["init"] != "from_weights":
-            _point_estimate_tensor(p, state["log_median_pos"], state["log_median_neg"], scale, mean)
+            _point_estimate_tensor(sharded.local(p), state["log_median_pos"],
+                                   state["log_median_neg"], scale, mean)
         self._written[p] = p._version
 
     def _adopt_write(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
@@ -585,8 +602,10 @@ class LMD(LowPrecisionOptimizer):
         of the model, an EMA swap, a revert to the best weights), re-derive its log-medians
         from ``p`` as ``init="from_weights"`` does, keeping ``log m_ref``, the bounds and the
         momentum: the next step then starts from the written weights instead of undoing the
-        write. Call only while ``p`` holds no sample (a sample is LMD's own write)."""
-        if self._written.get(p, p._version) == p._version:
+        write. Call only while ``p`` holds no sample (a sample is LMD's own write). Sharded
+        (``DTensor``) parameters are not checked: writes to their local shards do not show in
+        the ``DTensor``'s version counter."""
+        if sharded.is_sharded(p) or self._written.get(p, p._version) == p._version:
             return
         half = 1.0 / group["weight_decay"] if group["weight_decay"] > 0 else math.inf
         lmr = state["log_m_ref"]
@@ -635,11 +654,11 @@ class LMD(LowPrecisionOptimizer):
                 fn(p, p.grad, s["log_median_pos"], s["log_median_neg"], s["momentum"],
                    moms_neg[i], keys[i], table[i].to(p.device),
                    inline=_exp_in_range(group, s["log_m_ref"]),
-                   low_weight=group["momentum"] > 0.5, **flags)
+                   low_weight=group["momentum"] > 0.5, offset=s.get("offset"), **flags)
         elif not use_foreach(group, device):
             for p, s, un, k, hp in zip(params, states, moms_neg, keys, hps, strict=True):
                 _update_tensor(p, p.grad, s["log_median_pos"], s["log_median_neg"],
-                               s["momentum"], un, k, hp, **flags)
+                               s["momentum"], un, k, hp, offset=s.get("offset"), **flags)
         else:
             for idx in by_device(params):
                 _update_foreach(
@@ -648,12 +667,13 @@ class LMD(LowPrecisionOptimizer):
                     [states[i]["log_median_neg"] for i in idx],
                     [states[i]["momentum"] for i in idx],
                     [moms_neg[i] for i in idx] if separate else None,
-                    [keys[i] for i in idx], [hps[i] for i in idx], **flags,
+                    [keys[i] for i in idx], [hps[i] for i in idx],
+                    offsets=[states[i].get("offset") for i in idx], **flags,
                 )
-        for p in params:
+        for p in map(self._owner, params):
             self._written[p] = p._version
         if self._sampled is not None:
-            updated = set(params)
+            updated = {self._owner(p) for p in params}
             self._sampled = [p for p in self._sampled if p not in updated]
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_lowprec.optim import sharded
 from lightning_lowprec.optim.base import (
     EXP_SMALL_BOUND,
     AdamWMode,
@@ -188,7 +189,7 @@ class Madam(LowPrecisionOptimizer):
         if state["adamw"]:
             self._init_adamw_state(p, state)
             return
-        state["max"] = group["p_scale"] * p.detach().float().square().mean().sqrt().item()
+        state["max"] = group["p_scale"] * math.sqrt(sharded.mean_square(p))
         state["exp_avg_sq"] = torch.zeros_like(
             p, dtype=torch.float32, memory_format=torch.contiguous_format
         )

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_lowprec.optim import sharded
 from lightning_lowprec.optim.base import (
     COMPILED_MIN_NUMEL,
     EXP_SMALL_BOUND,
@@ -69,14 +70,15 @@ _PURPOSE_ROUND = 3
 _BF16_DROPPED_BITS = 0xFFFF
 
 
-def _round_bf16_stochastic(w: Tensor, keys: Tensor) -> Tensor:
+def _round_bf16_stochastic(w: Tensor, keys: Tensor, offset: Tensor | None = None) -> Tensor:
     """Round fp32 ``w`` to the BF16 grid stochastically: add 16 random bits, truncate.
 
     Rounds the magnitude up with probability (dropped bits) / 2**16 for either sign (fp32 is
     sign-magnitude), so the result is unbiased; finite values beyond BF16's max may become inf.
+    A shard starting at global element ``offset`` takes that slice of the tensor's bits.
     """
     bits = w.contiguous().view(torch.int32)
-    noise = random_words(w.numel(), keys)[0].view_as(bits) & _BF16_DROPPED_BITS
+    noise = random_words(w.numel(), keys, offset=offset)[0].view_as(bits) & _BF16_DROPPED_BITS
     return ((bits + noise) & ~_BF16_DROPPED_BITS).view(torch.float32)
 
 
@@ -90,7 +92,7 @@ def _ema_sq_(v: Tensor, x: Tensor, weight: Any) -> Tensor:
 def _update_tensor(
     p: Tensor, g: Tensor, m: Tensor, v: Tensor, ve: Tensor | None, keys: Tensor | None,
     hp: Sequence[Any], *, bf16: str | None, write: bool, small: bool = False,
-    low_weight: bool = False,
+    low_weight: bool = False, offset: Tensor | None = None,
 ) -> Tensor | None:
     """One M+Adam update of one tensor: the new weight in fp32, written into ``p`` or returned.
 
@@ -127,7 +129,7 @@ def _update_tensor(
     if bf16 == "even":
         w_new = w_new.to(torch.bfloat16).float()
     elif bf16 == "stochastic":
-        w_new = _round_bf16_stochastic(w_new, keys)
+        w_new = _round_bf16_stochastic(w_new, keys, offset)
     if write:  # and return nothing: a returned tensor is one more allocation and pass
         p.copy_(w_new)
         return None
@@ -317,6 +319,11 @@ class MPlusAdam(LowPrecisionOptimizer):
         if not state["adamw"]:
             state["exp_avg_sq_mult"] = torch.zeros_like(state["exp_avg"])
         rounding = group["rounding"] or DEFAULT_ROUNDING[group["storage"]]
+        if sharded.is_sharded(p) and STORAGE_FORMATS[group["storage"]] is not None:
+            raise NotImplementedError(
+                f"MPlusAdam storage={group['storage']!r} rounds with a per-tensor scale and a "
+                "torch.Generator, not shard by shard; under FSDP2 use storage=None or 'bf16'."
+            )
         require(not (group["storage"] is None and rounding == "stochastic"
                      and p.dtype == torch.float16), "rounding", rounding,
                 "'even' for float16 parameters without storage (stochastic BF16 only)")
@@ -376,7 +383,7 @@ class MPlusAdam(LowPrecisionOptimizer):
                     hp = table[i].to(p.device) if table is not None else hps[i]
                     w_news[i] = fn(p, p.grad, s["exp_avg"], s["exp_avg_sq"], ves[i], keys[i],
                                    hp, bf16=bf16[i], write=not quantized, small=small,
-                                   low_weight=low_weight)
+                                   low_weight=low_weight, offset=s.get("offset"))
             batched = sorted(set(range(len(subset))) - set(per_tensor))
             for idx in by_device([subset[i] for i in batched]):
                 idx = [batched[j] for j in idx]
@@ -390,7 +397,7 @@ class MPlusAdam(LowPrecisionOptimizer):
                     if bf16[i] == "even":
                         w = w.to(torch.bfloat16).float()
                     elif bf16[i] == "stochastic":
-                        w = _round_bf16_stochastic(w, keys[i])
+                        w = _round_bf16_stochastic(w, keys[i], states[i].get("offset"))
                     w_news[i] = w
                     if not quantized:
                         subset[i].copy_(w)

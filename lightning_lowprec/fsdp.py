@@ -1,0 +1,78 @@
+"""FSDP2 for the plugin: the ``parallelize_fn`` of Lightning's ``ModelParallelStrategy``.
+
+The supported sharded strategy is FSDP2 (``torch.distributed.fsdp.fully_shard``, per-parameter
+``DTensor`` shards on dim 0), through Lightning's ``ModelParallelStrategy`` in Fabric and the
+Trainer; Lightning's ``FSDPStrategy`` (FSDP1, flat parameters, its own precision plugin) is
+refused with :data:`FSDP1_MESSAGE`.
+
+Why the quantized layers are correct on shards: the plugin converts ``nn.Linear`` layers to
+``QuantizedLinear`` before sharding (Fabric calls ``convert_module`` before the strategy's
+``parallelize_fn``; in the Trainer ``configure_model`` runs before it too, see
+:func:`fully_shard_blocks`). ``fully_shard`` keeps the module classes and all-gathers each
+block's full weights before its forward (and again before its backward), so every matmul sees
+the whole ``(out_features, in_features)`` weight: its MX blocks of 32 run along the reduction
+axis ``in_features`` exactly as on one device. ``Shard(0)`` splits output rows, which never
+cuts a block anyway; the optimizers update the row shards elementwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+__all__ = ["FSDP1_MESSAGE", "data_parallel_mesh", "fully_shard_blocks", "transformer_blocks"]
+
+FSDP1_MESSAGE = (
+    "lightning_lowprec does not support FSDPStrategy (FSDP1: flat parameters and its own "
+    "FSDPPrecision plugin). Use FSDP2, Lightning's ModelParallelStrategy: "
+    "strategy=ModelParallelStrategy(lightning_lowprec.fully_shard_blocks, data_parallel_size=N, "
+    "tensor_parallel_size=1) (in the Trainer: shard in configure_model with "
+    "fully_shard_blocks(self.model, self.device_mesh)), or DDP: strategy='ddp'."
+)
+"""The one error a user of ``FSDPStrategy`` gets, naming the supported choices."""
+
+
+def data_parallel_mesh(device_mesh):  # noqa: ANN001, ANN201 - DeviceMesh is imported lazily
+    """The data-parallel dimension of ``ModelParallelStrategy``'s 2-D mesh (named
+    ``"data_parallel"``), or ``device_mesh`` itself when it has no such dimension.
+
+    Why: ``fully_shard`` on the whole ``(data_parallel, tensor_parallel)`` mesh would be
+    HSDP, replicating over the first dimension and sharding over the second (of size 1).
+    """
+    names = device_mesh.mesh_dim_names or ()
+    return device_mesh["data_parallel"] if "data_parallel" in names else device_mesh
+
+
+def transformer_blocks(module: nn.Module) -> list[nn.Module]:
+    """The elements of the outermost ``nn.ModuleList``s in ``module`` (LitGPT:
+    ``transformer.h``): the units FSDP2 gathers one at a time."""
+    blocks: list[nn.Module] = []
+    inside: set[int] = set()
+    for child in module.modules():
+        if id(child) in inside:
+            continue
+        if isinstance(child, nn.ModuleList):
+            blocks.extend(child)
+            inside.update(id(m) for block in child for m in block.modules())
+    return blocks
+
+
+def fully_shard_blocks(
+    module: nn.Module, device_mesh, blocks: Iterable[nn.Module] | None = None  # noqa: ANN001
+) -> nn.Module:
+    """``fully_shard`` each transformer block, then the root, over the data-parallel mesh.
+
+    The ``parallelize_fn`` for ``ModelParallelStrategy(fully_shard_blocks, ...)`` in Fabric;
+    in a LightningModule's ``configure_model``: ``fully_shard_blocks(self.model,
+    self.device_mesh)``. Convert to ``QuantizedLinear`` and add multipliers before (the plugin
+    does the former in ``setup``/before ``configure_model``); the blocks default to
+    :func:`transformer_blocks`. Returns ``module`` (now an ``FSDPModule``).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = data_parallel_mesh(device_mesh)
+    for block in transformer_blocks(module) if blocks is None else blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module

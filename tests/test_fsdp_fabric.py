@@ -1,0 +1,71 @@
+"""Fabric + LowPrecision under FSDP2 (ModelParallelStrategy, 2 gloo CPU processes) equals DDP.
+
+With 2 ranks a gradient sum is one commutative fp32 addition, so there is no reduction-order
+noise: 10 steps of FSDP2 must land on exactly DDP's parameters (tolerance 0), for AdamW, LMD
+(sampled, MXFP6 forward and backward), M+Adam (BF16 storage) and Madam.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+STEPS = 10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(rank: int, strategy: str, kind: str) -> dict[str, torch.Tensor]:
+    import lightning as L
+    from conftest import make_gpt
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    from lightning_lowprec import LMD, LowPrecision, Madam, MPlusAdam, fully_shard_blocks
+
+    s = (ModelParallelStrategy(fully_shard_blocks, data_parallel_size=2, tensor_parallel_size=1)
+         if strategy == "fsdp" else "ddp")
+    plugins = [LowPrecision("mxfp6_e2m3", quantize_backward=True)] if kind == "lmd" else []
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=s, plugins=plugins)
+    fabric.launch()
+    model = fabric.setup_module(make_gpt(0))
+    build = {
+        "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+        "lmd": lambda ps: LMD(ps, seed=1, sigma=0.1),
+        "mplus": lambda ps: MPlusAdam(ps, storage="bf16", seed=2),
+        "madam": lambda ps: Madam(ps),
+    }[kind]
+    opt = fabric.setup_optimizers(build(model.parameters()))
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(STEPS):
+        x = torch.randint(0, 4096, (4, 17), generator=gen)[2 * rank: 2 * rank + 2]
+        logits = model(x[:, :-1])
+        fabric.backward(torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()))
+        opt.step()
+        opt.zero_grad()
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}
+
+
+def rank_main(rank: int, port: int, kinds: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      GROUP_RANK="0", TORCHELASTIC_RUN_ID="test")
+    torch.set_num_threads(1)
+    for kind in kinds:
+        sharded, ddp = train(rank, "fsdp", kind), train(rank, "ddp", kind)
+        for key, value in ddp.items():
+            assert torch.equal(sharded[key], value), f"{kind}: {key}"
+
+
+@pytest.mark.slow  # ~20 s: two processes, 4 optimizers x 2 strategies x 10 steps
+def test_fsdp2_equals_ddp_for_every_optimizer():
+    mp.spawn(rank_main, args=(free_port(), ["adamw", "lmd", "mplus", "madam"]), nprocs=2,
+             join=True)
