@@ -142,10 +142,12 @@ def _quantize_blockwise(
     _round_elements_(values, fmt, rounding, generator)
     values.mul_(_exp2(shared_exp)).masked_fill_(~torch.isfinite(amax), torch.nan)
 
-    out = values.flatten(1, 2)
+    # Cast before cutting the padding off: Inductor (torch 2.13) miscompiles the slice followed
+    # by a narrowing cast, leaving uninitialised memory in the short last block (issue 18).
+    out = values.flatten(1, 2).to(x.dtype)
     if pad:
         out = out[:, :length]
-    return out.to(x.dtype).reshape(x.shape)
+    return out.reshape(x.shape)
 
 
 def _quantize_tensorwise(

@@ -653,3 +653,23 @@ def test_compiled_matches_eager():
     for name, got in zip(ALL_FORMATS, compiled(x), strict=True):
         expected = quantize(x, name, axis=0)
         assert_bitwise_equal(got, expected, x, f"compiled {name}")
+
+
+def _all_formats_ragged(x_bf16, x_fp16):
+    # Axis lengths 72 and 45 (not multiples of 32) along the last axis and axis 0.
+    return [quantize(x_bf16, name) for name in ALL_FORMATS] + [
+        quantize(x_fp16, name, axis=0) for name in ALL_FORMATS
+    ]
+
+
+@pytest.mark.slow
+def test_compiled_half_precision_ragged_blocks_match_eager():
+    """Issue 18: Inductor once left garbage in the short last block of bf16/fp16 inputs."""
+    x_bf16 = random_tensor((51, 72), seed=14).to(torch.bfloat16)
+    x_fp16 = random_tensor((45, 24), seed=15).to(torch.float16)
+    got = torch.compile(_all_formats_ragged, dynamic=False)(x_bf16, x_fp16)
+    expected = _all_formats_ragged(x_bf16, x_fp16)
+    names = [f"bf16 {n}" for n in ALL_FORMATS] + [f"fp16 {n}" for n in ALL_FORMATS]
+    for name, g, e in zip(names, got, expected, strict=True):
+        source = x_bf16 if name.startswith("bf16") else x_fp16
+        assert_bitwise_equal(g, e, source, f"compiled {name}")
