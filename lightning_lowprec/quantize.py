@@ -190,7 +190,9 @@ def _round_elements_(
         round_up = v.frac().ge_(0.5)
         v.floor_().add_(round_up)
     else:
-        draws = torch.rand(v.shape, generator=generator, device=v.device)
+        # fp32 draws whatever the default dtype: bf16 draws (the plugin's param_dtype="bf16"
+        # sets that default) have 8 bits, biasing every probability below 2**-8.
+        draws = torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
         round_up = draws.lt_(v.frac())
         v.floor_().add_(round_up)
     v.mul_(quantum).clamp_(-fmt.max, fmt.max)

@@ -510,6 +510,27 @@ def test_stochastic_is_unbiased(fmt):
     assert bool((gap > 0).sum() > 20)  # the check had something to test
 
 
+def test_stochastic_draws_are_fp32_under_a_bf16_default_dtype():
+    """Issue 18: bf16 draws (8 bits) rounded a 0.001 probability up ~3x too often."""
+    # mxfp8_e4m3 with the block max at 2**emax: scale 1, quantum 2**-3 at 1.0, so
+    # 1 + 0.001 * 2**-3 rounds up with probability 0.001 (to fp32 precision).
+    n = 20000
+    x = torch.full((n, 32), 1 + 0.001 * 2.0**-3, dtype=torch.float32)
+    x[:, 0] = 256.0
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        gen = torch.Generator().manual_seed(7)
+        out = quantize(x, "mxfp8_e4m3", rounding="stochastic", generator=gen)
+    finally:
+        torch.set_default_dtype(previous)
+    rounded = out[:, 1:]
+    assert bool(((rounded == 1.0) | (rounded == 1.125)).all())
+    p_up = (rounded == 1.125).double().mean().item()
+    stderr = math.sqrt(0.001 * 0.999 / rounded.numel())
+    assert abs(p_up - 0.001) < 5 * stderr, p_up
+
+
 @pytest.mark.parametrize("fmt", ["mxfp4_e2m1", "mxint8", "fp8_e5m2"])
 def test_stochastic_is_reproducible(fmt):
     x = random_tensor((16, 64), seed=5)
