@@ -14,8 +14,10 @@ block shorter when the axis length is not a multiple of 32; or the whole tensor 
   ``v = x / 2**shared_exp`` is rounded to the element format with quantum
   ``2**(max(floor(log2|v|), emin) - mbits)`` (MXINT8: ``2**-6``), saturated at the element
   max, and scaled back. A block whose max itself rounds up past the element max saturates.
-* Per-tensor FP8: ``scale = max / max(amax, 1e-12)`` in fp32; ``y = x * scale`` is rounded to
-  the element grid as above (saturating) and divided by ``scale``.
+* Per-tensor FP8: ``scale = max / max(amax, max * 2**-126)`` in fp32 (the scale stays a
+  finite ``<= 2**126``, so tiny tensors, gradients say, keep their values instead of
+  flushing); ``y = x * scale`` is rounded to the element grid as above (saturating) and
+  divided by ``scale``.
 * Zeros stay zeros and keep their sign; so does anything that rounds to zero.
 * NaN **and ±inf** make their whole scaling group NaN, for every format: E8M0 has no infinite
   scale and ``max / inf`` would zero the tensor, so an overflow upstream shows up instead of
@@ -43,8 +45,15 @@ __all__ = ["ROUNDING_MODES", "quantize", "quantize_ste"]
 Rounding = Literal["even", "nearest", "stochastic"]
 ROUNDING_MODES: tuple[str, ...] = ("even", "nearest", "stochastic")
 
-_TENSOR_AMAX_FLOOR = 1e-12
-"""Per-tensor formats divide by amax; tinier tensors use this amax so the scale stays finite."""
+
+
+def _tensor_amax_floor(fmt: Format) -> float:
+    """The smallest amax a per-tensor scale divides by: ``max * 2**-126``, scale ``2**126``.
+
+    Relative to the format so that any tensor down to fp32's normal range maps its amax to the
+    format's max; an absolute floor (once 1e-12) flushed small gradients to zero.
+    """
+    return fmt.max * 2.0**-126
 
 _F32_EXP_MASK = 0x7F800000
 _F32_MANT_BITS = 23
@@ -155,7 +164,7 @@ def _quantize_tensorwise(
 ) -> Tensor:
     amax = torch.maximum(x.amax(), -x.amin()).float()
     # A true division: `float / tensor` would multiply by the reciprocal and round twice.
-    scale = torch.full_like(amax, fmt.max) / amax.clamp(min=_TENSOR_AMAX_FLOOR)
+    scale = torch.full_like(amax, fmt.max) / amax.clamp(min=_tensor_amax_floor(fmt))
     values = x.to(torch.float32, copy=True).mul_(scale)  # the one fresh fp32 buffer
     _round_elements_(values, fmt, rounding, generator)
     values.div_(scale).masked_fill_(~torch.isfinite(amax), torch.nan)

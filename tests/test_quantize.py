@@ -174,7 +174,7 @@ def test_reference_fp8_matches_torch_float8_casts(fmt):
         amax = x.abs().max()
         # torch.div, not `ref.max / tensor`: torch evaluates the latter as reciprocal * max,
         # two roundings where the spec has one.
-        scale = torch.div(torch.tensor(ref.max), torch.clamp(amax, min=1e-12))
+        scale = torch.div(torch.tensor(ref.max), torch.clamp(amax, min=ref.max * 2.0**-126))
         y = (x * scale).clamp(-ref.max, ref.max).to(dtype).float()
         expected = y / scale
     else:
@@ -198,9 +198,9 @@ def test_reference_hand_computed_values():
     assert reference_quantize([1.0, 3.0 / 128], "mxint8", "nearest") == [1.0, 2.0 / 64]
     assert reference_quantize([1.0, 5.0 / 128], "mxint8", "nearest") == [1.0, 3.0 / 64]
     assert reference_quantize([1.0, 5.0 / 128], "mxint8", "even") == [1.0, 2.0 / 64]
-    # Per-tensor: amax 1e-13 is below the 1e-12 floor of the scale.
-    scale = f32(448.0 / f32(1e-12))
-    assert reference_quantize([1e-13], "fp8_e4m3", "even") == [f32(44.0 / scale)]
+    # Per-tensor: amax 1e-37 is below the floor 448 * 2**-126, so the scale is 2**126 and
+    # 1e-37 * 2**126 = 8.507... rounds to 9 on E4M3's grid (quantum 1 in [8, 16)).
+    assert reference_quantize([1e-37], "fp8_e4m3", "even") == [9 * 2.0**-126]
     assert reference_quantize([0.0, -0.0], "fp8_e5m2", "even") == [0.0, -0.0]
     nan_out = reference_quantize([1.0] * 40 + [math.inf], "mxfp6_e3m2", "even")
     assert nan_out[:32] == [1.0] * 32 and all(math.isnan(v) for v in nan_out[32:])
@@ -508,6 +508,19 @@ def test_stochastic_is_unbiased(fmt):
     tolerance = 5 * stderr + 1e-6 * row.double().abs() + 1e-30
     assert bool((err <= tolerance).all()), (fmt, (err / tolerance).max().item())
     assert bool((gap > 0).sum() > 20)  # the check had something to test
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_per_tensor_tiny_tensors_keep_their_values(fmt):
+    """Issue 18: an absolute amax floor of 1e-12 flushed randn * 1e-19 to 100% zeros."""
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(8)) * 1e-19
+    out = quantize(x, fmt)
+    assert_bitwise_equal(out, reference_quantize_tensor(x, fmt), x, fmt)
+    assert (out == 0).float().mean() < 0.01
+    # Half a quantum of the element format, relative, where the elements are normal.
+    big = x.abs() > 0.01 * x.abs().max()
+    half_quantum = 2.0 ** -(FORMATS[fmt].mbits + 1) * x.abs()
+    assert ((out - x).abs() <= half_quantum * 1.001)[big].all()
 
 
 def test_stochastic_draws_are_fp32_under_a_bf16_default_dtype():
