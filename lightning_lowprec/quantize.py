@@ -55,6 +55,9 @@ def _tensor_amax_floor(fmt: Format) -> float:
     """
     return fmt.max * 2.0**-126
 
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""What ``quantize`` accepts: the dtypes it widens to fp32 exactly (float8 would need a cast)."""
+
 _F32_EXP_MASK = 0x7F800000
 _F32_MANT_BITS = 23
 _F32_BIAS = 127
@@ -79,7 +82,8 @@ def quantize(
             global generator for ``x``'s device).
 
     Raises:
-        ValueError: unknown format, rounding mode or non-floating ``x``.
+        ValueError: unknown format or rounding mode, or ``x`` not fp32, bf16 or fp16 (float8
+            and float64 included).
         IndexError: ``axis`` out of range.
     """
     fmt = parse(fmt)
@@ -87,8 +91,11 @@ def quantize(
         raise ValueError(
             f"Unknown rounding {rounding!r}. Valid modes: {', '.join(ROUNDING_MODES)}."
         )
-    if not x.is_floating_point() or x.dtype.itemsize > 4:
-        raise ValueError(f"quantize expects a fp32, bf16 or fp16 tensor, got {x.dtype}.")
+    if x.dtype not in _INPUT_DTYPES:
+        raise ValueError(
+            f"quantize expects a fp32, bf16 or fp16 tensor, got {x.dtype}. "
+            f"Valid dtypes: {', '.join(map(str, _INPUT_DTYPES))}."
+        )
     if not -max(x.ndim, 1) <= axis < max(x.ndim, 1):
         raise IndexError(f"axis {axis} is out of range for a {x.ndim}-D tensor.")
     if x.numel() == 0:

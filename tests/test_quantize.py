@@ -661,6 +661,17 @@ def test_unknown_rounding_names_valid_modes():
             assert mode in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float64, torch.int32, torch.bool]
+)
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "fp8_e4m3"])
+def test_unsupported_dtypes_raise_value_error(dtype, fmt):
+    """Issue 18: float8 inputs raised NotImplementedError instead of the documented error."""
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16") as info:
+        quantize(torch.ones(4, 64).to(dtype), fmt)
+    assert str(dtype) in str(info.value)
+
+
 @pytest.mark.parametrize("axis", [2, -3, 10])
 def test_bad_axis(axis):
     with pytest.raises((IndexError, ValueError)):
