@@ -14,8 +14,10 @@ block shorter when the axis length is not a multiple of 32; or the whole tensor 
   ``v = x / 2**shared_exp`` is rounded to the element format with quantum
   ``2**(max(floor(log2|v|), emin) - mbits)`` (MXINT8: ``2**-6``), saturated at the element
   max, and scaled back. A block whose max itself rounds up past the element max saturates.
-* Per-tensor FP8: ``scale = max / max(amax, 1e-12)`` in fp32; ``y = x * scale`` is rounded to
-  the element grid as above (saturating) and divided by ``scale``.
+* Per-tensor FP8: ``scale = max / max(amax, max * 2**-126)`` in fp32 (the scale stays a
+  finite ``<= 2**126``, so tiny tensors, gradients say, keep their values instead of
+  flushing); ``y = x * scale`` is rounded to the element grid as above (saturating) and
+  divided by ``scale``.
 * Zeros stay zeros and keep their sign; so does anything that rounds to zero.
 * NaN **and ±inf** make their whole scaling group NaN, for every format: E8M0 has no infinite
   scale and ``max / inf`` would zero the tensor, so an overflow upstream shows up instead of
@@ -43,8 +45,18 @@ __all__ = ["ROUNDING_MODES", "quantize", "quantize_ste"]
 Rounding = Literal["even", "nearest", "stochastic"]
 ROUNDING_MODES: tuple[str, ...] = ("even", "nearest", "stochastic")
 
-_TENSOR_AMAX_FLOOR = 1e-12
-"""Per-tensor formats divide by amax; tinier tensors use this amax so the scale stays finite."""
+
+
+def _tensor_amax_floor(fmt: Format) -> float:
+    """The smallest amax a per-tensor scale divides by: ``max * 2**-126``, scale ``2**126``.
+
+    Relative to the format so that any tensor down to fp32's normal range maps its amax to the
+    format's max; an absolute floor (once 1e-12) flushed small gradients to zero.
+    """
+    return fmt.max * 2.0**-126
+
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""What ``quantize`` accepts: the dtypes it widens to fp32 exactly (float8 would need a cast)."""
 
 _F32_EXP_MASK = 0x7F800000
 _F32_MANT_BITS = 23
@@ -70,7 +82,8 @@ def quantize(
             global generator for ``x``'s device).
 
     Raises:
-        ValueError: unknown format, rounding mode or non-floating ``x``.
+        ValueError: unknown format or rounding mode, or ``x`` not fp32, bf16 or fp16 (float8
+            and float64 included).
         IndexError: ``axis`` out of range.
     """
     fmt = parse(fmt)
@@ -78,8 +91,11 @@ def quantize(
         raise ValueError(
             f"Unknown rounding {rounding!r}. Valid modes: {', '.join(ROUNDING_MODES)}."
         )
-    if not x.is_floating_point() or x.dtype.itemsize > 4:
-        raise ValueError(f"quantize expects a fp32, bf16 or fp16 tensor, got {x.dtype}.")
+    if x.dtype not in _INPUT_DTYPES:
+        raise ValueError(
+            f"quantize expects a fp32, bf16 or fp16 tensor, got {x.dtype}. "
+            f"Valid dtypes: {', '.join(map(str, _INPUT_DTYPES))}."
+        )
     if not -max(x.ndim, 1) <= axis < max(x.ndim, 1):
         raise IndexError(f"axis {axis} is out of range for a {x.ndim}-D tensor.")
     if x.numel() == 0:
@@ -142,10 +158,12 @@ def _quantize_blockwise(
     _round_elements_(values, fmt, rounding, generator)
     values.mul_(_exp2(shared_exp)).masked_fill_(~torch.isfinite(amax), torch.nan)
 
-    out = values.flatten(1, 2)
+    # Cast before cutting the padding off: Inductor (torch 2.13) miscompiles the slice followed
+    # by a narrowing cast, leaving uninitialised memory in the short last block (issue 18).
+    out = values.flatten(1, 2).to(x.dtype)
     if pad:
         out = out[:, :length]
-    return out.to(x.dtype).reshape(x.shape)
+    return out.reshape(x.shape)
 
 
 def _quantize_tensorwise(
@@ -153,7 +171,7 @@ def _quantize_tensorwise(
 ) -> Tensor:
     amax = torch.maximum(x.amax(), -x.amin()).float()
     # A true division: `float / tensor` would multiply by the reciprocal and round twice.
-    scale = torch.full_like(amax, fmt.max) / amax.clamp(min=_TENSOR_AMAX_FLOOR)
+    scale = torch.full_like(amax, fmt.max) / amax.clamp(min=_tensor_amax_floor(fmt))
     values = x.to(torch.float32, copy=True).mul_(scale)  # the one fresh fp32 buffer
     _round_elements_(values, fmt, rounding, generator)
     values.div_(scale).masked_fill_(~torch.isfinite(amax), torch.nan)
@@ -188,7 +206,9 @@ def _round_elements_(
         round_up = v.frac().ge_(0.5)
         v.floor_().add_(round_up)
     else:
-        draws = torch.rand(v.shape, generator=generator, device=v.device)
+        # fp32 draws whatever the default dtype: bf16 draws (the plugin's param_dtype="bf16"
+        # sets that default) have 8 bits, biasing every probability below 2**-8.
+        draws = torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
         round_up = draws.lt_(v.frac())
         v.floor_().add_(round_up)
     v.mul_(quantum).clamp_(-fmt.max, fmt.max)

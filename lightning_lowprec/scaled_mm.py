@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_lowprec.formats import E8M0_MAX_EXP, E8M0_MIN_EXP, Format
-from lightning_lowprec.quantize import _TENSOR_AMAX_FLOOR, Rounding, quantize
+from lightning_lowprec.quantize import Rounding, _tensor_amax_floor, quantize
 
 __all__ = ["BACKENDS", "Backend"]
 
@@ -181,7 +181,7 @@ def quantize_operand(t: Tensor, fmt: Format, rounding: Rounding) -> tuple[Tensor
     if pad:
         t = F.pad(t, (0, pad))
     if fmt.scaling == "tensor":
-        amax = torch.maximum(t.amax(), -t.amin()).float().clamp(min=_TENSOR_AMAX_FLOOR)
+        amax = torch.maximum(t.amax(), -t.amin()).float().clamp(min=_tensor_amax_floor(fmt))
         encode = torch.full_like(amax, fmt.max) / amax  # quantize's scale, to the bit
         decode = amax / fmt.max
     else:

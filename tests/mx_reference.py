@@ -25,7 +25,7 @@ index 0; a shorter last block is logically zero-padded):
 Per-tensor formats (``fp8_*``), over the whole tensor, all arithmetic in IEEE fp32:
 
 1. A NaN or +-inf anywhere makes every output NaN; an all-zero tensor stays (signed) zero.
-2. ``scale = f32(max / max(amax, f32(1e-12)))``; ``y_i = f32(x_i * scale)``; ``y_i`` is rounded
+2. ``scale = f32(max / max(amax, max * 2**-126))``; ``y_i = f32(x_i * scale)``; ``y_i`` is rounded
    onto the element grid as in MX step 5 with ``shared_exp = 0``; ``result_i = f32(r_i / scale)``.
 
 Rounding modes, applied to the magnitude ``a = |v| / q >= 0``:
@@ -175,7 +175,7 @@ def _per_tensor(values: list[float], fmt: RefFormat, rounding: str, rand: list[f
     amax = max(abs(x) for x in values)
     if amax == 0:
         return [math.copysign(0.0, x) for x in values]
-    amax_c = max(amax, f32(1e-12))
+    amax_c = max(amax, fmt.max * 2.0**-126)
     scale = f32(fmt.max / amax_c)
     out = []
     for i, x in enumerate(values):

@@ -174,7 +174,7 @@ def test_reference_fp8_matches_torch_float8_casts(fmt):
         amax = x.abs().max()
         # torch.div, not `ref.max / tensor`: torch evaluates the latter as reciprocal * max,
         # two roundings where the spec has one.
-        scale = torch.div(torch.tensor(ref.max), torch.clamp(amax, min=1e-12))
+        scale = torch.div(torch.tensor(ref.max), torch.clamp(amax, min=ref.max * 2.0**-126))
         y = (x * scale).clamp(-ref.max, ref.max).to(dtype).float()
         expected = y / scale
     else:
@@ -198,9 +198,9 @@ def test_reference_hand_computed_values():
     assert reference_quantize([1.0, 3.0 / 128], "mxint8", "nearest") == [1.0, 2.0 / 64]
     assert reference_quantize([1.0, 5.0 / 128], "mxint8", "nearest") == [1.0, 3.0 / 64]
     assert reference_quantize([1.0, 5.0 / 128], "mxint8", "even") == [1.0, 2.0 / 64]
-    # Per-tensor: amax 1e-13 is below the 1e-12 floor of the scale.
-    scale = f32(448.0 / f32(1e-12))
-    assert reference_quantize([1e-13], "fp8_e4m3", "even") == [f32(44.0 / scale)]
+    # Per-tensor: amax 1e-37 is below the floor 448 * 2**-126, so the scale is 2**126 and
+    # 1e-37 * 2**126 = 8.507... rounds to 9 on E4M3's grid (quantum 1 in [8, 16)).
+    assert reference_quantize([1e-37], "fp8_e4m3", "even") == [9 * 2.0**-126]
     assert reference_quantize([0.0, -0.0], "fp8_e5m2", "even") == [0.0, -0.0]
     nan_out = reference_quantize([1.0] * 40 + [math.inf], "mxfp6_e3m2", "even")
     assert nan_out[:32] == [1.0] * 32 and all(math.isnan(v) for v in nan_out[32:])
@@ -510,6 +510,40 @@ def test_stochastic_is_unbiased(fmt):
     assert bool((gap > 0).sum() > 20)  # the check had something to test
 
 
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_per_tensor_tiny_tensors_keep_their_values(fmt):
+    """Issue 18: an absolute amax floor of 1e-12 flushed randn * 1e-19 to 100% zeros."""
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(8)) * 1e-19
+    out = quantize(x, fmt)
+    assert_bitwise_equal(out, reference_quantize_tensor(x, fmt), x, fmt)
+    assert (out == 0).float().mean() < 0.01
+    # Half a quantum of the element format, relative, where the elements are normal.
+    big = x.abs() > 0.01 * x.abs().max()
+    half_quantum = 2.0 ** -(FORMATS[fmt].mbits + 1) * x.abs()
+    assert ((out - x).abs() <= half_quantum * 1.001)[big].all()
+
+
+def test_stochastic_draws_are_fp32_under_a_bf16_default_dtype():
+    """Issue 18: bf16 draws (8 bits) rounded a 0.001 probability up ~3x too often."""
+    # mxfp8_e4m3 with the block max at 2**emax: scale 1, quantum 2**-3 at 1.0, so
+    # 1 + 0.001 * 2**-3 rounds up with probability 0.001 (to fp32 precision).
+    n = 20000
+    x = torch.full((n, 32), 1 + 0.001 * 2.0**-3, dtype=torch.float32)
+    x[:, 0] = 256.0
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        gen = torch.Generator().manual_seed(7)
+        out = quantize(x, "mxfp8_e4m3", rounding="stochastic", generator=gen)
+    finally:
+        torch.set_default_dtype(previous)
+    rounded = out[:, 1:]
+    assert bool(((rounded == 1.0) | (rounded == 1.125)).all())
+    p_up = (rounded == 1.125).double().mean().item()
+    stderr = math.sqrt(0.001 * 0.999 / rounded.numel())
+    assert abs(p_up - 0.001) < 5 * stderr, p_up
+
+
 @pytest.mark.parametrize("fmt", ["mxfp4_e2m1", "mxint8", "fp8_e5m2"])
 def test_stochastic_is_reproducible(fmt):
     x = random_tensor((16, 64), seed=5)
@@ -627,6 +661,17 @@ def test_unknown_rounding_names_valid_modes():
             assert mode in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float64, torch.int32, torch.bool]
+)
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "fp8_e4m3"])
+def test_unsupported_dtypes_raise_value_error(dtype, fmt):
+    """Issue 18: float8 inputs raised NotImplementedError instead of the documented error."""
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16") as info:
+        quantize(torch.ones(4, 64).to(dtype), fmt)
+    assert str(dtype) in str(info.value)
+
+
 @pytest.mark.parametrize("axis", [2, -3, 10])
 def test_bad_axis(axis):
     with pytest.raises((IndexError, ValueError)):
@@ -653,3 +698,23 @@ def test_compiled_matches_eager():
     for name, got in zip(ALL_FORMATS, compiled(x), strict=True):
         expected = quantize(x, name, axis=0)
         assert_bitwise_equal(got, expected, x, f"compiled {name}")
+
+
+def _all_formats_ragged(x_bf16, x_fp16):
+    # Axis lengths 72 and 45 (not multiples of 32) along the last axis and axis 0.
+    return [quantize(x_bf16, name) for name in ALL_FORMATS] + [
+        quantize(x_fp16, name, axis=0) for name in ALL_FORMATS
+    ]
+
+
+@pytest.mark.slow
+def test_compiled_half_precision_ragged_blocks_match_eager():
+    """Issue 18: Inductor once left garbage in the short last block of bf16/fp16 inputs."""
+    x_bf16 = random_tensor((51, 72), seed=14).to(torch.bfloat16)
+    x_fp16 = random_tensor((45, 24), seed=15).to(torch.float16)
+    got = torch.compile(_all_formats_ragged, dynamic=False)(x_bf16, x_fp16)
+    expected = _all_formats_ragged(x_bf16, x_fp16)
+    names = [f"bf16 {n}" for n in ALL_FORMATS] + [f"fp16 {n}" for n in ALL_FORMATS]
+    for name, g, e in zip(names, got, expected, strict=True):
+        source = x_bf16 if name.startswith("bf16") else x_fp16
+        assert_bitwise_equal(g, e, source, f"compiled {name}")

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from lightning_lowprec import LowPrecision, LowPrecisionPlugin, QuantizedLinear, quantize
 from lightning_lowprec.formats import parse
 from lightning_lowprec.nn import quantize_linears
-from lightning_lowprec.quantize import _TENSOR_AMAX_FLOOR
+from lightning_lowprec.quantize import _tensor_amax_floor
 from lightning_lowprec.scaled_mm import _swizzle, quantize_operand, scaled_mm_linear, use_scaled_mm
 
 TENSORWISE = ["fp8_e4m3", "fp8_e5m2"]
@@ -54,9 +54,9 @@ def decoded(t: torch.Tensor, fmt_name: str, rounding: str = "even") -> torch.Ten
     assert elements.dtype == fmt.torch_dtype and elements.shape[1] % 16 == 0
     if fmt.scaling == "tensor":
         amax = torch.maximum(t.amax(), -t.amin()).float()
-        encode = torch.full_like(amax, fmt.max) / amax.clamp(min=_TENSOR_AMAX_FLOOR)
+        encode = torch.full_like(amax, fmt.max) / amax.clamp(min=_tensor_amax_floor(fmt))
         if torch.isfinite(amax):
-            assert scales == amax.clamp(min=_TENSOR_AMAX_FLOOR) / fmt.max
+            assert scales == amax.clamp(min=_tensor_amax_floor(fmt)) / fmt.max
         out = elements.float() / encode
     else:
         assert scales.dtype == torch.float8_e8m0fnu and scales.shape[1] * 32 == elements.shape[1]
