@@ -21,7 +21,10 @@ from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["FSDP1_MESSAGE", "data_parallel_mesh", "fully_shard_blocks", "transformer_blocks"]
+__all__ = [
+    "FSDP1_MESSAGE", "data_parallel_mesh", "fully_shard_blocks", "refuse_fsdp1",
+    "transformer_blocks",
+]
 
 FSDP1_MESSAGE = (
     "lightning_lowprec does not support FSDPStrategy (FSDP1: flat parameters and its own "
@@ -42,6 +45,31 @@ def data_parallel_mesh(device_mesh):  # noqa: ANN001, ANN201 - DeviceMesh is imp
     """
     names = device_mesh.mesh_dim_names or ()
     return device_mesh["data_parallel"] if "data_parallel" in names else device_mesh
+
+
+def refuse_fsdp1(plugin_types: tuple[type, ...]) -> None:
+    """Make Lightning's ``FSDPStrategy`` (Fabric and Trainer) refuse ``plugin_types`` with
+    :data:`FSDP1_MESSAGE` instead of its generic "can only work with the FSDPPrecision
+    plugin" ``TypeError``; every other precision plugin meets Lightning's own check.
+
+    Why a wrapped setter: the strategy checks the plugin in its ``precision`` setter inside
+    ``Fabric(...)``/``Trainer(...)``, before any hook of the plugin runs.
+    """
+    from lightning.fabric.strategies.fsdp import FSDPStrategy as FabricFSDP
+    from lightning.pytorch.strategies.fsdp import FSDPStrategy as TrainerFSDP
+
+    for cls, name in ((FabricFSDP, "precision"), (TrainerFSDP, "precision_plugin")):
+        prop = getattr(cls, name)
+        if getattr(prop.fset, "_lowprec_refuses", False):
+            continue
+
+        def fset(self, value, _original=prop.fset):  # noqa: ANN001, ANN202
+            if isinstance(value, plugin_types):
+                raise TypeError(FSDP1_MESSAGE)
+            _original(self, value)
+
+        fset._lowprec_refuses = True
+        setattr(cls, name, property(prop.fget, fset, prop.fdel, prop.__doc__))
 
 
 def transformer_blocks(module: nn.Module) -> list[nn.Module]:

@@ -30,6 +30,7 @@ from torch.optim import Optimizer
 
 from lightning_lowprec.callbacks.merge import FACTORS_KEY, unmerge_checkpoint
 from lightning_lowprec.formats import Format
+from lightning_lowprec.fsdp import refuse_fsdp1
 from lightning_lowprec.linear_like import (
     keep_quantized_paths,
     quantize_conv1ds,
@@ -88,9 +89,11 @@ class LowPrecision(FabricPrecision):
     does, and the quantized operands are bf16. For ``precision="bf16-true"`` (parameters
     stored in bf16, half the memory, no fp32 copy anywhere) pass ``param_dtype="bf16"``.
 
-    Strategies: single device and DDP (``"ddp"``, ``"ddp_spawn"``, ...). FSDP and DeepSpeed
-    accept only their own precision plugins; Lightning raises a ``TypeError`` ("The FSDP
-    strategy can only work with the FSDPPrecision plugin, found LowPrecision(...)") — use DDP.
+    Strategies: single device, DDP (``"ddp"``, ``"ddp_spawn"``, ...) and FSDP2
+    (``ModelParallelStrategy(lightning_lowprec.fully_shard_blocks, data_parallel_size=N,
+    tensor_parallel_size=1)``, see :mod:`lightning_lowprec.fsdp`). ``FSDPStrategy`` (FSDP1)
+    raises a ``TypeError`` naming these two (:data:`~lightning_lowprec.fsdp.FSDP1_MESSAGE`);
+    DeepSpeed accepts only its own precision plugins.
 
     Posterior sampling: when the model is trained by a posterior optimizer (one that offers
     :class:`~lightning_lowprec.posterior.PosteriorOptimizer`, e.g. :class:`~lightning_lowprec.LMD`)
@@ -651,3 +654,6 @@ class LowPrecisionPlugin(Precision, LowPrecision):
                 "from a callback's on_train_batch_end or ModelCheckpoint), not from inside "
                 "training_step."
             )
+
+
+refuse_fsdp1((LowPrecision,))

@@ -22,7 +22,6 @@ from conftest import (
     make_gpt,
     trainer_kwargs,
 )
-from lightning.pytorch.strategies import FSDPStrategy
 from litgpt import GPT
 from torch import nn
 from torch.utils.data import DataLoader
@@ -297,12 +296,6 @@ def test_precision_string_with_the_plugin_is_lightnings_error():
         L.Trainer(accelerator="cpu", precision="bf16-mixed", plugins=[LowPrecisionPlugin(FMT)])
     with pytest.raises(ValueError, match="Received both `precision=bf16-mixed`"):
         L.Fabric(accelerator="cpu", precision="bf16-mixed", plugins=[LowPrecision(FMT)])
-
-
-def test_fsdp_refuses_the_plugin_by_name():
-    """FSDP needs a GPU here, so the strategy's own check is exercised directly."""
-    with pytest.raises(TypeError, match=r"FSDPPrecision. plugin, found LowPrecisionPlugin\('mxf"):
-        FSDPStrategy().precision_plugin = LowPrecisionPlugin(FMT)
 
 
 class BuiltInConfigureModel(GPTModule):
