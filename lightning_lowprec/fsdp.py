@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from torch import nn
 
 __all__ = [
-    "FSDP1_MESSAGE", "data_parallel_mesh", "fully_shard_blocks", "refuse_fsdp1",
+    "FSDP1_MESSAGE", "data_parallel_mesh", "fully_shard_blocks", "refuse_fsdp1", "reshard",
     "transformer_blocks",
 ]
 
@@ -104,3 +104,21 @@ def fully_shard_blocks(
         fully_shard(block, mesh=mesh)
     fully_shard(module, mesh=mesh)
     return module
+
+
+def reshard(module: nn.Module) -> None:
+    """Put an FSDP2 module's parameters back into their shards (a no-op otherwise).
+
+    Why: FSDP2 keeps the *root* module's parameters all-gathered after its forward until the
+    backward (which then reshards them); after a forward with no backward (``eval()``,
+    ``torch.no_grad()``) they stay gathered, and the next forward skips the all-gather. A
+    sample or a point estimate written into the shards would then never reach the forward.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.reshard()

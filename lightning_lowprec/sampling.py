@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_lowprec.fsdp import reshard
 from lightning_lowprec.posterior import (
     PosteriorOptimizer,
     is_posterior,
@@ -210,6 +211,7 @@ class PosteriorSampler:
     def _before_forward(self, module: nn.Module, args: Any) -> None:
         if _drawn_by_caller:
             return
+        reshard(module)  # FSDP2: the shards, not a stale gathered copy, feed this forward
         if torch.is_grad_enabled() and module.training:
             self.draw(module)
         else:

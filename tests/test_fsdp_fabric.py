@@ -2,7 +2,9 @@
 
 With 2 ranks a gradient sum is one commutative fp32 addition, so there is no reduction-order
 noise: 10 steps of FSDP2 must land on exactly DDP's parameters (tolerance 0), for AdamW, LMD
-(sampled, MXFP6 forward and backward), M+Adam (BF16 storage) and Madam.
+(sampled, MXFP6 forward and backward), M+Adam (BF16 storage) and Madam — also across a
+validation forward, after which FSDP2 leaves the root module's weights gathered (the next
+sample must still reach them).
 """
 
 from __future__ import annotations
@@ -44,8 +46,13 @@ def train(rank: int, strategy: str, kind: str) -> dict[str, torch.Tensor]:
     }[kind]
     opt = fabric.setup_optimizers(build(model.parameters()))
     gen = torch.Generator().manual_seed(5)
-    for _ in range(STEPS):
+    for step in range(STEPS):
         x = torch.randint(0, 4096, (4, 17), generator=gen)[2 * rank: 2 * rank + 2]
+        if step == 5:  # a validation forward: FSDP2 then keeps the root's weights gathered
+            model.eval()
+            with torch.no_grad():
+                model(x[:, :-1])
+            model.train()
         logits = model(x[:, :-1])
         fabric.backward(torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()))
         opt.step()
