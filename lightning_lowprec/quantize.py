@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_lowprec.formats import E8M0_MAX_EXP, E8M0_MIN_EXP, Format, parse
+from lightning_lowprec.formats import E8M0_MAX_EXP, E8M0_MIN_EXP, FORMATS, Format, parse
 
 __all__ = ["ROUNDING_MODES", "quantize", "quantize_ste"]
 
@@ -129,7 +129,11 @@ def quantize_ste(
     Rounding has a zero derivative almost everywhere; the straight-through estimator treats the
     quantizer as the identity in the backward pass, as MX training recipes do.
     """
-    return _QuantizeSTE.apply(x, fmt, axis, rounding, generator)
+    fmt = parse(fmt)
+    # A built-in format travels by name: under torch.compile(dynamic=True) Dynamo would make a
+    # Format's float fields symbolic inputs of the autograd.Function and fail to lift them.
+    name_or_fmt = fmt.name if FORMATS.get(fmt.name) == fmt else fmt
+    return _QuantizeSTE.apply(x, name_or_fmt, axis, rounding, generator)
 
 
 def _quantize_blockwise(

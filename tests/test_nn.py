@@ -197,6 +197,22 @@ def test_compiled_bf16_autocast_with_a_ragged_in_features_is_finite():
     assert (compiled - eager).abs().max() < 0.1 * eager.abs().max()
 
 
+@pytest.mark.slow  # ~15 s: Inductor compiles a dynamic forward and backward graph
+def test_compiled_dynamic_shapes_equals_eager():
+    """Issue 18: dynamic=True crashed Dynamo on the forward-only layer (symbolic format fields)."""
+    torch.manual_seed(0)
+    layer = QuantizedLinear(64, 32, fmt=FMT)
+    compiled = torch.compile(layer, dynamic=True)
+    for tokens in (5, 9):
+        x = torch.randn(tokens, 64, requires_grad=True)
+        y = compiled(x)
+        (g_compiled,) = torch.autograd.grad(y.sum(), x)
+        expected = layer(x)
+        (g_eager,) = torch.autograd.grad(expected.sum(), x)
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_compiled, g_eager, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # quantize_linears: in-place conversion and the pattern rule
 # --------------------------------------------------------------------------------------------
