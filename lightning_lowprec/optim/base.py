@@ -51,7 +51,7 @@ from torch.optim import Optimizer
 from lightning_lowprec.optim import sharded
 
 __all__ = [
-    "ADAMW_MODES", "COMPILED_MIN_NUMEL", "COMPILED_MODES", "COMPILE_ENV", "EXP_NORMAL_RANGE",
+    "ADAMW_MODES", "COMPILED_MIN_NUMEL", "COMPILE_ENV", "EXP_NORMAL_RANGE",
     "EXP_SMALL_BOUND", "LowPrecisionOptimizer", "by_device", "clamp_where", "compile_works",
     "compiled", "ema_", "exp_normal", "exp_small", "expm1_small", "flip_sign", "is_real",
     "require", "require_betas", "require_range", "shared_seed", "use_compiled", "use_foreach",
@@ -60,7 +60,6 @@ __all__ = [
 AdamWMode = Literal["auto", "always", "never"]
 ADAMW_MODES: tuple[str, ...] = ("auto", "always", "never")
 CompiledMode = Literal[True, False, "auto"]
-COMPILED_MODES: tuple[bool | str, ...] = (True, False, "auto")
 
 _log = logging.getLogger("lightning_lowprec.optim")
 
