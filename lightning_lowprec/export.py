@@ -295,8 +295,11 @@ def unpack(
     scale = scales.view(torch.float8_e8m0fnu).float()
     # NaN blocks as quantize writes them (the default NaN, not the scale's payload).
     out = (padded * scale).masked_fill_(scales == _E8M0_NAN, torch.nan)
-    out = out.flatten(-2)[..., : shape[-1]]
-    return out.to(dtype).reshape(shape)
+    # Cast, then cut the padding, in quantize's order: CPU's vectorised fp32 -> bf16 cast
+    # writes NaN as 0xFFFF where the scalar one writes 0x7FC0, so the same buffer must go
+    # through the same cast for the NaN bits to match.
+    out = out.flatten(-2).to(dtype)[..., : shape[-1]]
+    return out.reshape(shape)
 
 
 def _blocks(x: Tensor, block_size: int) -> Tensor:

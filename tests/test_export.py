@@ -145,6 +145,19 @@ def test_loaded_model_logits_equal_the_fake_quantized_model_exactly(exported):
         assert not torch.equal(gpt(tokens()), expected)
 
 
+@pytest.mark.parametrize("shape", [(2, 1), (3, 40), (64, 100)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_nan_block_unpacks_to_quantizes_nan_bits(shape, dtype):
+    """CPU's vectorised fp32 -> bf16 cast writes NaN as 0xFFFF, the scalar one 0x7FC0: unpack
+    must cast the same padded buffer as quantize does (found by hypothesis: a (2, 1) bf16
+    weight holding a NaN)."""
+    w = torch.randn(shape).to(dtype)
+    w.view(-1)[0] = float("nan")
+    codes, scales = pack(w, "mxfp8_e4m3")
+    assert bits_equal(unpack(codes, scales, "mxfp8_e4m3", w.shape, dtype),
+                      quantize(w, "mxfp8_e4m3"))
+
+
 def test_metadata_names_every_tensor_and_its_format(tmp_path):
     from safetensors import safe_open
 
