@@ -85,6 +85,8 @@ def run_case(name: str, build, mesh, steps: int = 4) -> None:
         for i, (a, b) in enumerate(zip(plain, shards, strict=True)):
             assert torch.equal(a.detach(), b.detach().full_tensor()), f"{name} step {step} #{i}"
             assert opt.state[b]["adamw"] == ref.state[a]["adamw"], name
+            for key in ("exp_avg_sq", "exp_avg_sq_mult"):  # fp32 beside bf16 shards too
+                assert opt.state[b].get(key, torch.zeros(())).dtype == torch.float32, name
     assert opt.skipped_steps == ref.skipped_steps == 1, name
     full = opt.state_dict()["state"][0]
     assert all(type(v).__name__ == "DTensor" for v in full.values() if torch.is_tensor(v)), name

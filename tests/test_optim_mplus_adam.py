@@ -157,7 +157,7 @@ def test_stochastic_bf16_rounding_is_unbiased_and_picks_a_neighbour():
 
 def test_bf16_parameters_with_bf16_state():
     p = torch.nn.Parameter(torch.randn(8, 8, dtype=torch.bfloat16))
-    opt = MPlusAdam([p])
+    opt = MPlusAdam([p], state_dtype="bfloat16")
     steps(opt, p, 0.1, 2)
     assert p.dtype == torch.bfloat16
     assert {v.dtype for v in opt.state[p].values() if torch.is_tensor(v)} == {torch.bfloat16}

@@ -28,8 +28,9 @@
   (:mod:`~lightning_lowprec.optim.sharded`), so a step does not depend on the world size.
 * **Loading.** ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to
   its parameter's dtype; these optimizers keep fp32 state beside bf16 weights (a bf16 log-median
-  or second moment would stall), so :meth:`LowPrecisionOptimizer.load_state_dict` restores the
-  saved dtypes, which makes resuming bit-exact.
+  or second moment would stall), so :meth:`LowPrecisionOptimizer.load_state_dict` casts each
+  to the dtype the optimizer keeps it in: the saved one (resuming is bit-exact), or fp32 for
+  the bf16 second moments of older checkpoints.
 """
 
 from __future__ import annotations
@@ -460,6 +461,11 @@ class LowPrecisionOptimizer(Optimizer):
         """Fill ``state`` (which already holds ``step``, ``skipped``, ``index``, ``adamw``)."""
         raise NotImplementedError
 
+    def _state_dtype(self, p: Tensor, group: dict[str, Any], key: str) -> torch.dtype:
+        """The dtype this optimizer keeps ``p``'s floating state tensor ``key`` in: fp32 (LMD's
+        log-medians and momentum, Madam's and the AdamW rule's moments), whatever ``p`` is."""
+        return torch.float32
+
     @staticmethod
     def _init_adamw_state(p: Tensor, state: dict[str, Any]) -> None:
         """fp32 first and second moments of the AdamW rule."""
@@ -560,12 +566,16 @@ class LowPrecisionOptimizer(Optimizer):
             self._report_compile("step", start)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``Optimizer.load_state_dict``, keeping the saved dtype of every state tensor."""
+        """``Optimizer.load_state_dict``, with every floating state tensor in the dtype this
+        optimizer keeps it in (:meth:`_state_dtype`), not the parameter's: the saved dtype
+        for a current checkpoint, so resuming is bit-exact; an older checkpoint's bf16 second
+        moments are widened to fp32 (exactly)."""
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for pid, p in zip(saved_ids, params, strict=True):
+        params = ((g, p) for g in self.param_groups for p in g["params"])
+        for pid, (group, p) in zip(saved_ids, params, strict=True):
             for key, value in state_dict["state"].get(pid, {}).items():
                 if isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device)
+                    dtype = self._state_dtype(p, group, key) if value.is_floating_point() else None
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype)
         self._index = None
