@@ -32,6 +32,7 @@ CASES = {
                                           separate_momentum=True),
     "madam": lambda ps: Madam(ps, lr=0.05),
     "madam_single": lambda ps: Madam(ps, foreach=False, adamw="never"),
+    "madam_bf16": lambda ps: Madam(ps, seed=4),  # the AdamW rule's stochastic rounding
     "mplus_bf16": lambda ps: MPlusAdam(ps, storage="bf16", rounding="stochastic", seed=5),
     "mplus_auto": lambda ps: MPlusAdam(ps, adamw="auto", foreach=False, seed=5),
 }
@@ -65,7 +66,7 @@ def gradient(step: int, shape: tuple[int, ...], index: int) -> torch.Tensor:
 def run_case(name: str, build, mesh, steps: int = 4) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    dtype = torch.bfloat16 if name.startswith("mplus_bf16") else torch.float32
+    dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
     plain = [torch.nn.Parameter(t.clone()) for t in initial(dtype)]
     shards = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)]))
               for t in initial(dtype)]

@@ -37,8 +37,8 @@ def make_params(dtype=torch.float32, seed=0):
 
 
 def build(cls, params, **kwargs):
-    """The optimizer with a fixed seed where it takes one."""
-    return cls(params, **kwargs) if cls is Madam else cls(params, **{"seed": 7, **kwargs})
+    """The optimizer with a fixed seed."""
+    return cls(params, **{"seed": 7, **kwargs})
 
 
 def run(cls, kwargs, steps=4, dtype=torch.float32, params=None, opt=None, grad_seed=1):
@@ -88,8 +88,7 @@ def test_state_dict_round_trip_gives_identical_next_steps(cls, kwargs):
     resumed = [torch.nn.Parameter(p.clone(), requires_grad=q.requires_grad)
                for p, q in zip(saved_params, params, strict=True)]
     opt2 = build(cls, resumed, **kwargs)
-    if cls is not Madam:
-        opt2.param_groups[0]["seed"] = 123  # the seed must come back from the state_dict
+    opt2.param_groups[0]["seed"] = 123  # the seed must come back from the state_dict
     opt2.load_state_dict(saved_state)
     for p, q in zip(resumed, params, strict=True):  # the saved dtypes, not the parameter's
         for key, value in opt2.state[p].items():

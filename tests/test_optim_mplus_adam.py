@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from lightning_lowprec import Madam, MPlusAdam, quantize
 from lightning_lowprec.optim.counter_rng import derive_keys
-from lightning_lowprec.optim.mplus_adam import _round_bf16_stochastic
+from lightning_lowprec.optim.rounding import stochastic_bf16
 
 
 def steps(opt, p, grad, n):
@@ -142,7 +142,7 @@ def test_stochastic_bf16_rounding_is_unbiased_and_picks_a_neighbour():
     n = 20000
     xs = x.repeat(n)
     keys = torch.tensor(derive_keys(0, 1), dtype=torch.int32)
-    r = _round_bf16_stochastic(xs, keys).view(n, -1)
+    r = stochastic_bf16(xs, keys).view(n, -1)
     assert torch.equal(r.bfloat16().float(), r)
     below = torch.nextafter(x.abs().bfloat16(), torch.tensor(0.0, dtype=torch.bfloat16)).float()
     above = torch.nextafter(x.abs().bfloat16(), torch.tensor(1e38, dtype=torch.bfloat16)).float()

@@ -16,7 +16,11 @@
   weights and biases, all-zero tensors a multiplicative update can never move) get plain
   decoupled-weight-decay Adam with fp32 state, chosen per group by ``adamw="auto" | "always" |
   "never"``; its learning rate is ``adamw_lr_ratio * lr`` so that a schedule on ``lr`` (LitGPT's
-  ``pretrain`` rewrites every group's ``lr`` each step) moves both rules together.
+  ``pretrain`` rewrites every group's ``lr`` each step) moves both rules together. Into bf16
+  and fp16 parameters (a norm weight at 1.0 in bf16 ignores any step below ``2**-8``) its
+  result is rounded stochastically, unbiased, from (seed, parameter, step)
+  (:mod:`~lightning_lowprec.optim.rounding`): the weight moves by ``lr`` per step in
+  expectation, DDP ranks stay identical and a resumed run rounds as the uninterrupted one.
 * **Kernels.** ``compiled="auto"`` (the default) runs each large tensor's update as one
   ``torch.compile``'d kernel wherever :func:`compile_works` for the parameters' device, and
   otherwise the eager kernels after one warning that says why; ``foreach=None`` follows
@@ -50,6 +54,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_lowprec.optim import sharded
+from lightning_lowprec.optim.counter_rng import derive_keys
+from lightning_lowprec.optim.rounding import STOCHASTIC_DTYPES, round_stochastic
 
 __all__ = [
     "ADAMW_MODES", "COMPILED_MIN_NUMEL", "COMPILE_ENV", "EXP_NORMAL_RANGE",
@@ -66,6 +72,8 @@ _log = logging.getLogger("lightning_lowprec.optim")
 
 _COMPILED: dict[Callable, Callable] = {}
 _OPTIONS = {"cpp.enable_floating_point_contract_flag": "fast"}
+_PURPOSE_ADAMW_ROUND = 4
+"""The AdamW rule's rounding stream (LMD's own streams are 1-3, M+Adam's rounding 3)."""
 COMPILED_MIN_NUMEL = 1 << 16
 """Smaller tensors take the ``foreach`` ops even on the ``compiled`` path: a compiled call
 costs 0.05-0.2 ms in Python and guards (measured), the work of ~100K elements, while one batch
@@ -339,11 +347,23 @@ def uses_adamw(p: Tensor, mode: str) -> bool:
     return mode == "always"
 
 
+def _write(p: Tensor, w: Tensor, keys: Tensor | None, offset: Tensor | None) -> None:
+    """Write the fp32 result ``w`` into ``p``: rounded stochastically with ``keys`` (see
+    :func:`~lightning_lowprec.optim.rounding.round_stochastic`), else by ``copy_``."""
+    if keys is not None:
+        p.copy_(round_stochastic(w, p.dtype, keys, offset))
+    elif w is not p:
+        p.copy_(w)
+
+
 def adamw_tensor(
     p: Tensor, g: Tensor, m: Tensor, v: Tensor, *, lr: float, beta1: float, beta2: float,
-    eps: float, weight_decay: float, step: int,
+    eps: float, weight_decay: float, step: int, keys: Tensor | None = None,
+    offset: Tensor | None = None,
 ) -> None:
-    """One AdamW step on one tensor; math in fp32, ``m`` and ``v`` are fp32 state."""
+    """One AdamW step on one tensor; math in fp32, ``m`` and ``v`` are fp32 state. With
+    ``keys`` (a bf16 or fp16 ``p``) the result is rounded into ``p`` stochastically, from the
+    noise of element ``offset`` on (a shard's global start) of the keys' stream."""
     w = p.float()
     g = g.float()
     w.mul_(1.0 - lr * weight_decay)
@@ -351,13 +371,13 @@ def adamw_tensor(
     v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
     denom = (v.sqrt() / math.sqrt(1.0 - beta2**step)).add_(eps)
     w.addcdiv_(m, denom, value=-lr / (1.0 - beta1**step))
-    if w is not p:
-        p.copy_(w)
+    _write(p, w, keys, offset)
 
 
 def adamw_foreach(
     ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], *, lr: float,
     beta1: float, beta2: float, eps: float, weight_decay: float, steps: list[int],
+    keys: list[Tensor | None] | None = None, offsets: list[Tensor | None] | None = None,
 ) -> None:
     """:func:`adamw_tensor` over lists with ``torch._foreach_*`` ops (same arithmetic)."""
     ws = [p.float() for p in ps]
@@ -370,9 +390,10 @@ def adamw_foreach(
     torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in steps])
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(ws, ms, denom, [-lr / (1.0 - beta1**t) for t in steps])
-    for p, w in zip(ps, ws, strict=True):
-        if w is not p:
-            p.copy_(w)
+    keys = keys or [None] * len(ps)
+    offsets = offsets or [None] * len(ps)
+    for p, w, k, o in zip(ps, ws, keys, offsets, strict=True):
+        _write(p, w, k, o)
 
 
 class LowPrecisionOptimizer(Optimizer):
@@ -514,16 +535,28 @@ class LowPrecisionOptimizer(Optimizer):
             eps=group["eps"], weight_decay=group["weight_decay"],
         )
         states = [self.state[p] for p in params]
+        keys = [self._rounding_keys(p, group, s) for p, s in zip(params, states, strict=True)]
         if not use_foreach(group, params[0].device):
-            for p, s in zip(params, states, strict=True):
-                adamw_tensor(p, p.grad, s["exp_avg"], s["exp_avg_sq"], step=s["step"], **kwargs)
+            for p, s, k in zip(params, states, keys, strict=True):
+                adamw_tensor(p, p.grad, s["exp_avg"], s["exp_avg_sq"], step=s["step"], keys=k,
+                             offset=s.get("offset"), **kwargs)
             return
         for idx in by_device(params):
             adamw_foreach(
                 [params[i] for i in idx], [params[i].grad for i in idx],
                 [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
-                steps=[states[i]["step"] for i in idx], **kwargs,
+                steps=[states[i]["step"] for i in idx], keys=[keys[i] for i in idx],
+                offsets=[states[i].get("offset") for i in idx], **kwargs,
             )
+
+    @staticmethod
+    def _rounding_keys(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> Tensor | None:
+        """Keys of the stochastic rounding of the AdamW rule's write into a bf16 or fp16
+        ``p`` (``None`` for other dtypes): a pure function of (seed, parameter, step)."""
+        if p.dtype not in STOCHASTIC_DTYPES:
+            return None
+        words = derive_keys(group["seed"], state["index"], state["step"], _PURPOSE_ADAMW_ROUND)
+        return torch.tensor(words, dtype=torch.int32, device=p.device)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

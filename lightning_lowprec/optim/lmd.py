@@ -319,8 +319,9 @@ class LMD(LowPrecisionOptimizer):
 
     **Which tensors** (``adamw``): ``"auto"`` (default) sends 1-D tensors (norm weights,
     biases) and tensors that are all zero at their first step to the internal AdamW rule
-    (learning rate ``adamw_lr_ratio * lr``, ``betas``, ``eps``, decoupled ``weight_decay``),
-    everything else to LMD; ``"always"`` / ``"never"`` force one rule for a group. This is what
+    (learning rate ``adamw_lr_ratio * lr``, ``betas``, ``eps``, decoupled ``weight_decay``;
+    stochastic rounding from ``seed`` into bf16 and fp16 parameters), everything else to LMD;
+    ``"always"`` / ``"never"`` force one rule for a group. This is what
     LitGPT's flat ``model.parameters()`` needs; with names, use
     :func:`lightning_lowprec.optim.param_groups` to also put embeddings on AdamW.
 

@@ -35,6 +35,7 @@ from lightning_lowprec.optim.base import (
     flip_sign,
     require_betas,
     require_range,
+    shared_seed,
     use_compiled,
     use_foreach,
 )
@@ -141,7 +142,8 @@ class Madam(LowPrecisionOptimizer):
     in ``optimizer.skipped_steps``; ``adamw="auto"`` (default) sends 1-D tensors (norm
     weights, biases) and all-zero tensors, which Madam can never move, to an AdamW rule
     (learning rate ``adamw_lr_ratio * lr``, ``betas``, ``eps``, ``weight_decay``; these four
-    apply only to that rule). ``adamw="never"`` is the reference on every tensor.
+    apply only to that rule; it rounds into bf16 and fp16 parameters stochastically, from
+    ``seed``). ``adamw="never"`` is the reference on every tensor.
 
     Args:
         params: parameters or parameter groups (every argument below may be set per group).
@@ -153,6 +155,9 @@ class Madam(LowPrecisionOptimizer):
         betas: the AdamW rule's ``(beta1, beta2)``, each in [0, 1).
         eps: the AdamW rule's epsilon (>= 0).
         weight_decay: the AdamW rule's decoupled weight decay (>= 0).
+        seed: base of the AdamW rule's stochastic rounding into bf16 and fp16 parameters;
+            ``None`` draws one from torch's global generator, broadcast from rank 0 under
+            ``torch.distributed`` (:func:`~lightning_lowprec.optim.base.shared_seed`).
         foreach: the eager kernels' batching: ``True`` ``torch._foreach_*`` ops, ``False`` one
             tensor at a time, ``None`` torch's rule (batched on CUDA only;
             :func:`~lightning_lowprec.optim.base.use_foreach`).
@@ -175,13 +180,15 @@ class Madam(LowPrecisionOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        seed: int | None = None,
         foreach: bool | None = None,
         compiled: CompiledMode = "auto",
     ) -> None:
+        seed = shared_seed(seed)
         defaults = dict(
             lr=lr, p_scale=p_scale, g_bound=g_bound, adamw=adamw,
             adamw_lr_ratio=adamw_lr_ratio, betas=betas, eps=eps, weight_decay=weight_decay,
-            foreach=foreach, compiled=compiled,
+            seed=seed, foreach=foreach, compiled=compiled,
         )
         super().__init__(params, defaults)
 

@@ -41,7 +41,8 @@ from lightning_lowprec.optim.base import (
     use_compiled,
     use_foreach,
 )
-from lightning_lowprec.optim.counter_rng import derive_keys, random_words
+from lightning_lowprec.optim.counter_rng import derive_keys
+from lightning_lowprec.optim.rounding import stochastic_bf16
 from lightning_lowprec.quantize import quantize
 
 __all__ = ["STORAGE_FORMATS", "MPlusAdam"]
@@ -68,19 +69,6 @@ it diverged (M+Adam) or lost badly (AdamW), and stochastic rounding matched BF16
 _LN2 = math.log(2.0)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_sq_mult")
 _PURPOSE_ROUND = 3
-_BF16_DROPPED_BITS = 0xFFFF
-
-
-def _round_bf16_stochastic(w: Tensor, keys: Tensor, offset: Tensor | None = None) -> Tensor:
-    """Round fp32 ``w`` to the BF16 grid stochastically: add 16 random bits, truncate.
-
-    Rounds the magnitude up with probability (dropped bits) / 2**16 for either sign (fp32 is
-    sign-magnitude), so the result is unbiased; finite values beyond BF16's max may become inf.
-    A shard starting at global element ``offset`` takes that slice of the tensor's bits.
-    """
-    bits = w.contiguous().view(torch.int32)
-    noise = random_words(w.numel(), keys, offset=offset)[0].view_as(bits) & _BF16_DROPPED_BITS
-    return ((bits + noise) & ~_BF16_DROPPED_BITS).view(torch.float32)
 
 
 def _ema_sq_(v: Tensor, x: Tensor, weight: Any) -> Tensor:
@@ -130,7 +118,7 @@ def _update_tensor(
     if bf16 == "even":
         w_new = w_new.to(torch.bfloat16).float()
     elif bf16 == "stochastic":
-        w_new = _round_bf16_stochastic(w_new, keys, offset)
+        w_new = stochastic_bf16(w_new, keys, offset)
     if write:  # and return nothing: a returned tensor is one more allocation and pass
         p.copy_(w_new)
         return None
@@ -405,7 +393,7 @@ class MPlusAdam(LowPrecisionOptimizer):
                     if bf16[i] == "even":
                         w = w.to(torch.bfloat16).float()
                     elif bf16[i] == "stochastic":
-                        w = _round_bf16_stochastic(w, keys[i], states[i].get("offset"))
+                        w = stochastic_bf16(w, keys[i], states[i].get("offset"))
                     w_news[i] = w
                     if not quantized:
                         subset[i].copy_(w)
