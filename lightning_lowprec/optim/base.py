@@ -11,7 +11,11 @@
   is left exactly
   as it was, weights and state, its step counter does not advance, and ``state["skipped"]``
   counts the skip; ``optimizer.skipped_steps`` is the total over parameters. The other
-  parameters of the same step are updated normally.
+  parameters of the same step are updated normally. A ``RuntimeWarning`` names the skipped
+  parameters (their names when the optimizer was given ``named_parameters()``, else group,
+  position and shape) at the 1st, 10th, 100th, ... step with a skip, so a run that keeps
+  skipping is neither silent nor flooded. ``nonfinite="raise"`` instead raises
+  ``FloatingPointError`` naming them, before any weight or state changes.
 * **The AdamW rule.** Tensors these optimizers should not handle multiplicatively (1-D norm
   weights and biases, all-zero tensors a multiplicative update can never move) get plain
   decoupled-weight-decay Adam with fp32 state, chosen per group by ``adamw="auto" | "always" |
@@ -58,7 +62,7 @@ from lightning_lowprec.optim.counter_rng import derive_keys
 from lightning_lowprec.optim.rounding import STOCHASTIC_DTYPES, round_stochastic
 
 __all__ = [
-    "ADAMW_MODES", "COMPILED_MIN_NUMEL", "COMPILE_ENV", "EXP_NORMAL_RANGE",
+    "ADAMW_MODES", "COMPILED_MIN_NUMEL", "COMPILE_ENV", "EXP_NORMAL_RANGE", "NONFINITE_MODES",
     "EXP_SMALL_BOUND", "LowPrecisionOptimizer", "by_device", "clamp_where", "compile_works",
     "compiled", "ema_", "exp_normal", "exp_small", "expm1_small", "flip_sign", "is_real",
     "require", "require_betas", "require_range", "shared_seed", "use_compiled", "use_foreach",
@@ -66,6 +70,8 @@ __all__ = [
 
 AdamWMode = Literal["auto", "always", "never"]
 ADAMW_MODES: tuple[str, ...] = ("auto", "always", "never")
+NonFiniteMode = Literal["skip", "raise"]
+NONFINITE_MODES: tuple[str, ...] = ("skip", "raise")
 CompiledMode = Literal[True, False, "auto"]
 
 _log = logging.getLogger("lightning_lowprec.optim")
@@ -332,6 +338,13 @@ def shared_seed(seed: int | None) -> int:
     return drawn
 
 
+def _is_power_of_ten(n: int) -> bool:
+    """Whether ``n`` is 1, 10, 100, ..."""
+    while n % 10 == 0 and n > 1:
+        n //= 10
+    return n == 1
+
+
 def by_device(tensors: list[Tensor]) -> list[list[int]]:
     """Indices of ``tensors`` grouped by device (``torch._foreach_*`` needs one device)."""
     groups: dict[torch.device, list[int]] = {}
@@ -410,6 +423,7 @@ class LowPrecisionOptimizer(Optimizer):
         self._index: dict[Tensor, int] | None = None
         self._owners: dict[Tensor, Tensor] = {}
         self._reported: set[str] = set()
+        self._skipping_steps = 0
 
     def _report_compile(self, what: str, start: float) -> None:
         """Log (INFO, once per optimizer and ``what``) how long the first compiled ``what``
@@ -436,6 +450,16 @@ class LowPrecisionOptimizer(Optimizer):
         require(g["foreach"] in (None, True, False), "foreach", g["foreach"], "None or a bool")
         require(isinstance(g["compiled"], bool) or g["compiled"] == "auto", "compiled",
                 g["compiled"], "True, False or 'auto'")
+        require(isinstance(g["nonfinite"], str) and g["nonfinite"] in NONFINITE_MODES,
+                "nonfinite", g["nonfinite"], f"one of {NONFINITE_MODES}")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """``Optimizer.__setstate__`` (also the end of ``load_state_dict``), filling options
+        that an older state dict's groups lack with this optimizer's defaults."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
     @property
     def skipped_steps(self) -> int:
@@ -579,7 +603,10 @@ class LowPrecisionOptimizer(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             groups.append((group, params))
         fast = [use_compiled(g, p.device) for g, ps in groups for p in ps]
-        finite = iter(self._finite_grads([p for _, ps in groups for p in ps], fast))
+        finite = self._finite_grads([p for _, ps in groups for p in ps], fast)
+        if not all(finite):
+            self._report_nonfinite(groups, finite)
+        finite = iter(finite)
         for group, params in groups:
             ok = []
             for p in params:
@@ -597,6 +624,49 @@ class LowPrecisionOptimizer(Optimizer):
                         rule(group, views)
         if any(fast):
             self._report_compile("step", start)
+
+    def _report_nonfinite(
+        self, groups: list[tuple[dict[str, Any], list[Tensor]]], finite: list[bool]
+    ) -> None:
+        """Raise for, or warn about (rate-limited), the parameters whose gradient is not
+        finite (``finite`` is over the parameters of ``groups`` in order); see module doc."""
+        flags = iter(finite)
+        bad = [(group, p) for group, params in groups for p in params if not next(flags)]
+        why = "is not finite (NaN or inf, or |g| > 1.8e19, whose square overflows fp32)"
+        raising = [p for group, p in bad if group["nonfinite"] == "raise"]
+        if raising:
+            raise FloatingPointError(
+                f"{type(self).__name__}: the gradient of {self._names(raising)} {why}; "
+                "nonfinite='raise' stops before any weight or state changes (pass "
+                "nonfinite='skip' to skip such updates instead)."
+            )
+        self._skipping_steps += 1
+        count = self._skipping_steps
+        if _is_power_of_ten(count):
+            total = self.skipped_steps + len(bad)
+            warnings.warn(
+                f"{type(self).__name__} skipped the update of {len(bad)} parameter(s) whose "
+                f"gradient {why}: {self._names([p for _, p in bad])}; their weights and state "
+                f"are unchanged. Steps with skips so far: {count} ({total} skipped updates, "
+                "optimizer.skipped_steps); this warning repeats at the 10th, 100th, ... such "
+                "step. Pass nonfinite='raise' to stop at the first one.",
+                RuntimeWarning, stacklevel=4,
+            )
+
+    def _names(self, params: list[Tensor], limit: int = 5) -> str:
+        """``params`` as their names (from ``named_parameters()``), else as group index (and
+        ``name``, from :func:`~lightning_lowprec.optim.param_groups`), position and shape."""
+        where = {}
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for j, p in enumerate(group["params"]):
+                if names is not None:
+                    where[p] = f"{names[j]!r} (shape {tuple(p.shape)})"
+                else:
+                    label = f" ({group['name']!r})" if "name" in group else ""
+                    where[p] = f"group {gi}{label} parameter {j} (shape {tuple(p.shape)})"
+        shown = ", ".join(where[p] for p in params[:limit])
+        return shown + (f" and {len(params) - limit} more" if len(params) > limit else "")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``Optimizer.load_state_dict``, with every floating state tensor in the dtype this

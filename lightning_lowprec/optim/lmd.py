@@ -36,6 +36,7 @@ from lightning_lowprec.optim.base import (
     AdamWMode,
     CompiledMode,
     LowPrecisionOptimizer,
+    NonFiniteMode,
     by_device,
     clamp_where,
     compiled,
@@ -367,6 +368,9 @@ class LMD(LowPrecisionOptimizer):
             (logged at INFO; seconds with a warm Inductor cache, tens of seconds cold); no
             recompilation follows for new learning rates or shapes. With ``weight_decay > 0``
             the exponentials are inline (:func:`_exp_in_range`).
+        nonfinite: ``"skip"`` (default) skips the update of a parameter whose gradient is not
+            finite, with a rate-limited warning naming it; ``"raise"`` raises
+            ``FloatingPointError`` naming it, before any weight or state changes.
     """
 
     _validate_group = staticmethod(_validate)
@@ -393,6 +397,7 @@ class LMD(LowPrecisionOptimizer):
         seed: int | None = None,
         foreach: bool | None = None,
         compiled: CompiledMode = "auto",
+        nonfinite: NonFiniteMode = "skip",
     ) -> None:
         seed = shared_seed(seed)
         defaults = dict(
@@ -400,7 +405,7 @@ class LMD(LowPrecisionOptimizer):
             init=init, init_sigma=init_sigma, sign_beta=sign_beta,
             separate_momentum=separate_momentum, point_estimate=point_estimate, noise=noise,
             adamw=adamw, adamw_lr_ratio=adamw_lr_ratio, betas=betas, eps=eps, seed=seed,
-            foreach=foreach, compiled=compiled,
+            foreach=foreach, compiled=compiled, nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
         self._sampled: list[Tensor] | None = None
@@ -521,9 +526,11 @@ class LMD(LowPrecisionOptimizer):
             except BaseException:
                 self.restore_()
                 raise
-        self._run_step()
-        self.restore_()
-        self._drawn = False
+        try:
+            self._run_step()
+        finally:  # also after nonfinite="raise": the parameters get their point estimate back
+            self.restore_()
+            self._drawn = False
         return loss
 
     def log_medians(self) -> Iterator[tuple[Tensor, LogMedians]]:

@@ -28,6 +28,7 @@ from lightning_lowprec.optim.base import (
     AdamWMode,
     CompiledMode,
     LowPrecisionOptimizer,
+    NonFiniteMode,
     by_device,
     clamp_where,
     compiled,
@@ -164,6 +165,9 @@ class Madam(LowPrecisionOptimizer):
         compiled: ``"auto"`` (default) runs each tensor's update as one ``torch.compile``'d
             kernel wherever :func:`~lightning_lowprec.optim.base.compile_works`, else the
             eager kernels after one warning; ``True`` always, ``False`` never.
+        nonfinite: ``"skip"`` (default) skips the update of a parameter whose gradient is not
+            finite, with a rate-limited warning naming it; ``"raise"`` raises
+            ``FloatingPointError`` naming it, before any weight or state changes.
     """
 
     _validate_group = staticmethod(_validate)
@@ -183,12 +187,13 @@ class Madam(LowPrecisionOptimizer):
         seed: int | None = None,
         foreach: bool | None = None,
         compiled: CompiledMode = "auto",
+        nonfinite: NonFiniteMode = "skip",
     ) -> None:
         seed = shared_seed(seed)
         defaults = dict(
             lr=lr, p_scale=p_scale, g_bound=g_bound, adamw=adamw,
             adamw_lr_ratio=adamw_lr_ratio, betas=betas, eps=eps, weight_decay=weight_decay,
-            seed=seed, foreach=foreach, compiled=compiled,
+            seed=seed, foreach=foreach, compiled=compiled, nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
 

@@ -30,6 +30,7 @@ from lightning_lowprec.optim.base import (
     AdamWMode,
     CompiledMode,
     LowPrecisionOptimizer,
+    NonFiniteMode,
     by_device,
     compiled,
     ema_,
@@ -276,6 +277,9 @@ class MPlusAdam(LowPrecisionOptimizer):
             :func:`~lightning_lowprec.optim.base.compile_works`, else the eager kernels after
             one warning; ``True`` always, ``False`` never. Tensors under
             ``COMPILED_MIN_NUMEL`` (65536) elements take the ``foreach`` ops.
+        nonfinite: ``"skip"`` (default) skips the update of a parameter whose gradient is not
+            finite, with a rate-limited warning naming it; ``"raise"`` raises
+            ``FloatingPointError`` naming it, before any weight or state changes.
     """
 
     _validate_group = staticmethod(_validate)
@@ -296,12 +300,13 @@ class MPlusAdam(LowPrecisionOptimizer):
         seed: int | None = None,
         foreach: bool | None = None,
         compiled: CompiledMode = "auto",
+        nonfinite: NonFiniteMode = "skip",
     ) -> None:
         seed = shared_seed(seed)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_m_ratio=lr_m_ratio,
             storage=storage, rounding=rounding, state_dtype=state_dtype, adamw=adamw,
-            seed=seed, foreach=foreach, compiled=compiled,
+            seed=seed, foreach=foreach, compiled=compiled, nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
 
