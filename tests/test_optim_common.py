@@ -229,14 +229,14 @@ BAD = {
           "weight_decay": [-1.0, float("inf")], "m_ref": [0.0], "init": ["xavier"],
           "init_sigma": [0.0], "sign_beta": [1.0], "separate_momentum": [1],
           "point_estimate": ["mode"], "noise": ["philox"], "adamw": ["yes"],
-          "adamw_lr_ratio": [-1.0], "betas": [(0.9, 1.0), (0.9,)], "eps": [-1e-8],
+          "adamw_lr_ratio": [-1.0], "adamw_betas": [(0.9, 1.0), (0.9,)], "eps": [-1e-8],
           "seed": [1.5, True], "foreach": ["yes"], "compiled": [None]},
     MPlusAdam: {"lr": [-1e-3], "betas": [(1.0, 0.9)], "eps": [-1.0], "weight_decay": [-0.1],
                 "lr_m_ratio": [-3.0], "storage": ["fp16", "mxfp4_e2m1"],
                 "rounding": ["nearest"], "state_dtype": [torch.float16, "int8"],
                 "adamw": [False], "seed": ["0"], "foreach": [0.5], "compiled": [1]},
     Madam: {"lr": [-0.01], "p_scale": [0.0], "g_bound": [-1.0], "adamw": ["auto "],
-            "adamw_lr_ratio": [float("nan")], "betas": [(0.9, -0.1)], "eps": [-1.0],
+            "adamw_lr_ratio": [float("nan")], "adamw_betas": [(0.9, -0.1)], "eps": [-1.0],
             "weight_decay": [-1.0], "foreach": [2], "compiled": ["no"]},
 }
 

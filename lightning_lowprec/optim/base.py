@@ -417,6 +417,10 @@ class LowPrecisionOptimizer(Optimizer):
     do not take the AdamW rule.
     """
 
+    _renamed: dict[str, str] = {"betas": "adamw_betas"}
+    """Group options renamed since older state dicts were saved: old name -> new name (the
+    AdamW rule's ``betas`` of LMD and Madam, which torch's schedulers took for a momentum)."""
+
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         self._check_group(defaults)
         super().__init__(params, defaults)
@@ -455,9 +459,13 @@ class LowPrecisionOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """``Optimizer.__setstate__`` (also the end of ``load_state_dict``), filling options
-        that an older state dict's groups lack with this optimizer's defaults."""
+        that an older state dict's groups lack with this optimizer's defaults (and reading
+        a renamed one, :attr:`_renamed`, under its new name)."""
         super().__setstate__(state)
         for group in self.param_groups:
+            for old, new in self._renamed.items():
+                if old in group and new in self.defaults:
+                    group.setdefault(new, group.pop(old))
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
@@ -553,7 +561,7 @@ class LowPrecisionOptimizer(Optimizer):
 
     def _adamw_rule(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """The AdamW rule (module doc) on ``params``; their ``step`` is already incremented."""
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = group["adamw_betas"]
         kwargs = dict(
             lr=group["lr"] * group["adamw_lr_ratio"], beta1=beta1, beta2=beta2,
             eps=group["eps"], weight_decay=group["weight_decay"],

@@ -11,9 +11,11 @@ optimizer keeps the log-medians ``l± = log m±`` and moves them multiplicativel
     l±   <- clamp(l±, log m_ref - 1/weight_decay, log m_ref + 1/weight_decay)
 
 ``c`` is the sign of ``u+ = EMA(g * theta+)`` for ``m+`` and of ``u- = EMA(-g * theta-)`` for
-``m-``; since ``theta± > 0`` only reweights the EMA by ``exp(sigma * xi) = 1 ± sigma``, one
-shared momentum of ``g`` gives the same signs and costs one tensor instead of two (the default;
-``separate_momentum=True`` keeps ``u±`` exactly). The decay pulls every median to ``m_ref``
+``m-``; ``theta± > 0`` only reweights each term of the EMA (by the sample's ``exp(sigma * xi)``
+and the slowly moving median), so one shared momentum of ``g`` gives nearly the same signs
+for one tensor instead of two (the default; ``separate_momentum=True`` keeps ``u±`` exactly).
+They differ where the momentum is near zero: 2.8 % of the elements per step (a 32-64-1 MLP
+trained at samples, ``sigma=0.05``, 300 steps; measured). The decay pulls every median to ``m_ref``
 and keeps it inside ``[m_ref * e**(-1/weight_decay), m_ref * e**(+1/weight_decay)]`` whenever
 ``lr * weight_decay <= 1`` (the clamp makes that exact in floating point and under any
 schedule); medians stay positive, so weights never stick at zero and their signs can flip.
@@ -265,7 +267,7 @@ def _validate(g: dict[str, Any]) -> None:
             "'median' or 'mean'")
     require(g["noise"] in NOISE_KINDS, "noise", g["noise"], f"one of {NOISE_KINDS}")
     require_range("adamw_lr_ratio", g["adamw_lr_ratio"], 0.0, inf)
-    require_betas("betas", g["betas"])
+    require_betas("adamw_betas", g["adamw_betas"])
     require_range("eps", g["eps"], 0.0, inf)
 
 
@@ -295,7 +297,8 @@ class LMD(LowPrecisionOptimizer):
     ``m0 * exp(s0 * zeta)`` differ by a standard deviation ``s``:
 
     * ``"from_weights"`` (default): ``m± = (sqrt(w^2 + 4 m0^2) ± w) / 2``, so ``m+ - m- = w``
-      exactly and ``m+ m- = m0^2``. The model keeps its own initialisation (or its pretrained
+      and ``m+ m- = m0^2`` (in fp32 up to rounding: ``|m+ - m- - w| <= 7.5e-7 RMS(w)``, about
+      5 ulps of ``m0``, measured). The model keeps its own initialisation (or its pretrained
       weights, which makes fine-tuning work at all), nothing random is drawn, and the medians
       sit at the scale ``m0`` that the measured defaults assume.
     * ``"moment_matched"``: a fresh draw ``m± = m0 * exp(s0 * zeta±)``, which replaces the
@@ -320,7 +323,7 @@ class LMD(LowPrecisionOptimizer):
 
     **Which tensors** (``adamw``): ``"auto"`` (default) sends 1-D tensors (norm weights,
     biases) and tensors that are all zero at their first step to the internal AdamW rule
-    (learning rate ``adamw_lr_ratio * lr``, ``betas``, ``eps``, decoupled ``weight_decay``;
+    (learning rate ``adamw_lr_ratio * lr``, ``adamw_betas``, ``eps``, decoupled ``weight_decay``;
     stochastic rounding from ``seed`` into bf16 and fp16 parameters), everything else to LMD;
     ``"always"`` / ``"never"`` force one rule for a group. This is what
     LitGPT's flat ``model.parameters()`` needs; with names, use
@@ -352,7 +355,9 @@ class LMD(LowPrecisionOptimizer):
             normals); see :mod:`~lightning_lowprec.optim.counter_rng`.
         adamw: ``"auto"``, ``"always"`` or ``"never"`` (see above).
         adamw_lr_ratio: the AdamW rule's learning rate as a multiple of ``lr`` (>= 0).
-        betas: the AdamW rule's ``(beta1, beta2)``, each in [0, 1).
+        adamw_betas: the AdamW rule's ``(beta1, beta2)``, each in [0, 1). Not ``betas``: torch's
+            ``OneCycleLR`` / ``CyclicLR`` (``cycle_momentum``) cycle ``betas[0]`` where an
+            optimizer has ``betas``, and LMD's ``momentum`` is what they should cycle.
         eps: the AdamW rule's epsilon (>= 0).
         seed: base of every random stream; ``None`` draws one from torch's global generator
             (so ``seed_everything`` makes it reproducible), broadcast from rank 0 under
@@ -392,7 +397,7 @@ class LMD(LowPrecisionOptimizer):
         noise: NoiseKind = "irwin_hall",
         adamw: AdamWMode = "auto",
         adamw_lr_ratio: float = 0.3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         seed: int | None = None,
         foreach: bool | None = None,
@@ -404,7 +409,8 @@ class LMD(LowPrecisionOptimizer):
             lr=lr, momentum=momentum, sigma=sigma, weight_decay=weight_decay, m_ref=m_ref,
             init=init, init_sigma=init_sigma, sign_beta=sign_beta,
             separate_momentum=separate_momentum, point_estimate=point_estimate, noise=noise,
-            adamw=adamw, adamw_lr_ratio=adamw_lr_ratio, betas=betas, eps=eps, seed=seed,
+            adamw=adamw, adamw_lr_ratio=adamw_lr_ratio, adamw_betas=adamw_betas, eps=eps,
+            seed=seed,
             foreach=foreach, compiled=compiled, nonfinite=nonfinite,
         )
         super().__init__(params, defaults)

@@ -127,7 +127,7 @@ def _validate(g: dict[str, Any]) -> None:
     require_range("p_scale", g["p_scale"], 0.0, inf, low_open=True)
     require_range("g_bound", g["g_bound"], 0.0, inf, low_open=True)
     require_range("adamw_lr_ratio", g["adamw_lr_ratio"], 0.0, inf)
-    require_betas("betas", g["betas"])
+    require_betas("adamw_betas", g["adamw_betas"])
     require_range("eps", g["eps"], 0.0, inf)
     require_range("weight_decay", g["weight_decay"], 0.0, inf)
 
@@ -142,7 +142,7 @@ class Madam(LowPrecisionOptimizer):
     tensor's step (the reference would let an inf into ``v`` and freeze the tensor) and counts
     in ``optimizer.skipped_steps``; ``adamw="auto"`` (default) sends 1-D tensors (norm
     weights, biases) and all-zero tensors, which Madam can never move, to an AdamW rule
-    (learning rate ``adamw_lr_ratio * lr``, ``betas``, ``eps``, ``weight_decay``; these four
+    (learning rate ``adamw_lr_ratio * lr``, ``adamw_betas``, ``eps``, ``weight_decay``; these four
     apply only to that rule; it rounds into bf16 and fp16 parameters stochastically, from
     ``seed``). ``adamw="never"`` is the reference on every tensor.
 
@@ -153,7 +153,9 @@ class Madam(LowPrecisionOptimizer):
         g_bound: clamp on the normalised gradient (> 0).
         adamw: ``"auto"``, ``"always"`` or ``"never"``.
         adamw_lr_ratio: the AdamW rule's learning rate as a multiple of ``lr`` (>= 0).
-        betas: the AdamW rule's ``(beta1, beta2)``, each in [0, 1).
+        adamw_betas: the AdamW rule's ``(beta1, beta2)``, each in [0, 1) (not ``betas``, which
+            torch's ``OneCycleLR`` / ``CyclicLR`` would cycle as if it were Madam's momentum;
+            Madam has none, so they refuse ``cycle_momentum=True``).
         eps: the AdamW rule's epsilon (>= 0).
         weight_decay: the AdamW rule's decoupled weight decay (>= 0).
         seed: base of the AdamW rule's stochastic rounding into bf16 and fp16 parameters;
@@ -181,7 +183,7 @@ class Madam(LowPrecisionOptimizer):
         *,
         adamw: AdamWMode = "auto",
         adamw_lr_ratio: float = 0.3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         seed: int | None = None,
@@ -192,8 +194,9 @@ class Madam(LowPrecisionOptimizer):
         seed = shared_seed(seed)
         defaults = dict(
             lr=lr, p_scale=p_scale, g_bound=g_bound, adamw=adamw,
-            adamw_lr_ratio=adamw_lr_ratio, betas=betas, eps=eps, weight_decay=weight_decay,
-            seed=seed, foreach=foreach, compiled=compiled, nonfinite=nonfinite,
+            adamw_lr_ratio=adamw_lr_ratio, adamw_betas=adamw_betas, eps=eps,
+            weight_decay=weight_decay, seed=seed, foreach=foreach, compiled=compiled,
+            nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
 
