@@ -84,3 +84,11 @@ def test_older_state_dict_with_betas_loads_as_adamw_betas(cls):
     opt.load_state_dict(saved)
     group = opt.param_groups[0]
     assert group["adamw_betas"] == (0.9, 0.98) and "betas" not in group
+
+
+@pytest.mark.parametrize("cls", [LMD, Madam])
+def test_a_group_with_the_old_name_is_refused(cls):
+    with pytest.raises(ValueError, match=r"Invalid betas: \(0.9, 0.95\); expected it as "
+                                         r"adamw_betas"):
+        cls([{"params": params(), "betas": (0.9, 0.95)}])
+    MPlusAdam([{"params": params(), "betas": (0.9, 0.95)}])  # its own betas

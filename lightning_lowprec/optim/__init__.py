@@ -2,7 +2,8 @@
 
 All three are ``torch.optim.Optimizer``s with param groups, closures, ``state_dict`` round
 trips, ``foreach`` and ``compiled`` paths, validated hyperparameters, and a non-finite gradient
-skips that parameter's step (counted in ``optimizer.skipped_steps``) instead of entering state.
+skips that parameter's step (counted in ``optimizer.skipped_steps``, with a rate-limited
+warning naming it; ``nonfinite="raise"`` raises instead) rather than entering state.
 """
 
 from lightning_lowprec.optim.groups import (

@@ -62,10 +62,11 @@ from lightning_lowprec.optim.counter_rng import derive_keys
 from lightning_lowprec.optim.rounding import STOCHASTIC_DTYPES, round_stochastic
 
 __all__ = [
-    "ADAMW_MODES", "COMPILED_MIN_NUMEL", "COMPILE_ENV", "EXP_NORMAL_RANGE", "NONFINITE_MODES",
-    "EXP_SMALL_BOUND", "LowPrecisionOptimizer", "by_device", "clamp_where", "compile_works",
-    "compiled", "ema_", "exp_normal", "exp_small", "expm1_small", "flip_sign", "is_real",
-    "require", "require_betas", "require_range", "shared_seed", "use_compiled", "use_foreach",
+    "ADAMW_MODES", "COMPILED_MIN_NUMEL", "COMPILE_ENV", "EXP_NORMAL_RANGE",
+    "EXP_SMALL_BOUND", "LowPrecisionOptimizer", "NONFINITE_MODES", "by_device", "clamp_where",
+    "compile_works", "compiled", "ema_", "exp_normal", "exp_small", "expm1_small", "flip_sign",
+    "is_real", "require", "require_betas", "require_range", "shared_seed", "use_compiled",
+    "use_foreach",
 ]
 
 AdamWMode = Literal["auto", "always", "never"]
@@ -456,6 +457,9 @@ class LowPrecisionOptimizer(Optimizer):
                 g["compiled"], "True, False or 'auto'")
         require(isinstance(g["nonfinite"], str) and g["nonfinite"] in NONFINITE_MODES,
                 "nonfinite", g["nonfinite"], f"one of {NONFINITE_MODES}")
+        for old, new in self._renamed.items():
+            require(not (old in g and new in g), old, g.get(old),
+                    f"it as {new} (renamed: see {type(self).__name__}'s {new})")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """``Optimizer.__setstate__`` (also the end of ``load_state_dict``), filling options

@@ -410,8 +410,7 @@ class LMD(LowPrecisionOptimizer):
             init=init, init_sigma=init_sigma, sign_beta=sign_beta,
             separate_momentum=separate_momentum, point_estimate=point_estimate, noise=noise,
             adamw=adamw, adamw_lr_ratio=adamw_lr_ratio, adamw_betas=adamw_betas, eps=eps,
-            seed=seed,
-            foreach=foreach, compiled=compiled, nonfinite=nonfinite,
+            seed=seed, foreach=foreach, compiled=compiled, nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
         self._sampled: list[Tensor] | None = None
