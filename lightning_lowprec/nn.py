@@ -17,7 +17,7 @@ model and the ``state_dict`` does not change. The Lightning plugins in
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
 
 import torch
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_lowprec.formats import Format, parse
+from lightning_lowprec.formats import FORMATS, Format, parse
 from lightning_lowprec.quantize import ROUNDING_MODES, Rounding, quantize, quantize_ste
 from lightning_lowprec.scaled_mm import Backend, check_backend, scaled_mm_linear, use_scaled_mm
 
@@ -61,8 +61,22 @@ class QuantizedLinear(nn.Linear):
     ``out_features``. The bias gradient is not quantized. Only ``x`` and ``W`` themselves are
     saved; their quantized versions are recomputed in the backward.
 
-    Under ``torch.autocast`` the operands are first cast to the autocast dtype, as autocast
-    would cast them for ``F.linear``, and quantized in that dtype.
+    Under ``torch.autocast`` the matmuls run in the autocast dtype, as ``F.linear``'s would,
+    but each operand is quantized from its own dtype (the fp32 weight, say) and only its
+    quantized value is cast. Casting first would round twice: quantizing the bf16-rounded
+    weight differs from quantizing the weight on 0.7% (MXFP4) to 13% (MXINT8) of the elements
+    of a freshly initialised one. The cast after is exact for every MX format: an element has
+    at most 8 significant bits (MXINT8's ``k/64``; the float elements 2 to 4) and its
+    power-of-two scale keeps it in bf16's exponent range, so it is a bf16 value, except in
+    blocks whose amax is below ``2**-102`` (E5M2; ``2**-116`` E4M3, ``2**-125`` or less the
+    others) where bf16's subnormals end. (fp16, whose subnormals end at ``2**-24``, rounds the
+    smallest elements of small blocks again either way, see :func:`quantize`.) For the
+    per-tensor ``fp8_*`` formats the element codes fit bf16 too, but the operand is ``code *
+    amax / max``, which in general is not a bf16 value: quantizing from fp32 gets the right
+    codes and scale (a bf16 amax moves the scale of every element), and the cast rounds the
+    dequantized operand once, as a bf16 matmul of it must. The gradient matmuls
+    (``quantize_backward=True``) quantize the saved source-dtype ``x`` and ``W`` the same way.
+    ``backend="scaled_mm"`` still casts its operands to the autocast dtype first.
 
     Args:
         in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
@@ -142,26 +156,31 @@ class QuantizedLinear(nn.Linear):
         """``x @ weight.T + bias`` quantized; ``weight`` in the Linear layout ``[out, in]``."""
         device_type = x.device.type
         if not torch.is_autocast_enabled(device_type):
-            return self._quantized_linear(x, weight, bias)
-        # Cast as autocast casts F.linear's operands, then quantize in that dtype; the matmul
-        # below runs with autocast off so that nothing is cast again.
+            return self._quantized_linear(x, weight, bias, None)
+        # The operands are quantized from their own (fp32) values and cast to the autocast
+        # dtype after (see the class doc); the matmul runs with autocast off so that nothing
+        # is cast again.
         dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
-            return self._quantized_linear(x, weight, bias)
+            return self._quantized_linear(x, weight, bias, dtype)
 
-    def _quantized_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _quantized_linear(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype | None
+    ) -> Tensor:
+        """The quantized ``F.linear`` with the matmul in ``dtype`` (``None``: the operands')."""
         if use_scaled_mm(self.backend, x.device, self.w_fmt, self.a_fmt, self.g_fmt):
             return scaled_mm_linear(
-                x, weight, bias, self.w_fmt, self.a_fmt, self.g_fmt, self.rounding
+                _cast(x, dtype), _cast(weight, dtype), bias,
+                self.w_fmt, self.a_fmt, self.g_fmt, self.rounding,
             )
         if self.quantize_backward:
             return _QuantizedLinearFunction.apply(
-                x, weight, bias, self.w_fmt, self.a_fmt, self.g_fmt, self.rounding
+                x, weight, bias, *_by_name(self.w_fmt, self.a_fmt, self.g_fmt), self.rounding,
+                dtype,
             )
-        x_q = quantize_ste(x, self.a_fmt, -1, self.rounding)
-        w_q = quantize_ste(weight, self.w_fmt, -1, self.rounding)
+        x_q = _quantize_to(x, self.a_fmt, -1, self.rounding, dtype, quantize_ste)
+        w_q = _quantize_to(weight, self.w_fmt, -1, self.rounding, dtype, quantize_ste)
         return F.linear(x_q, w_q, bias)
 
     def extra_repr(self) -> str:
@@ -181,35 +200,85 @@ class QuantizedLinear(nn.Linear):
 
 
 class _QuantizedLinearFunction(torch.autograd.Function):
-    """``F.linear`` with all three matmuls (forward, input and weight gradient) quantized."""
+    """``F.linear`` with all three matmuls (forward, input and weight gradient) quantized.
+
+    The operands are quantized in their own dtype and cast to ``dtype`` (the matmul's;
+    ``None``: theirs) after; the gradients come back in the dtypes of ``x`` and ``weight``.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_fmt, a_fmt, g_fmt, rounding):
+    def forward(ctx, x, weight, bias, w_fmt, a_fmt, g_fmt, rounding, dtype):
+        w_fmt, a_fmt, g_fmt = parse(w_fmt), parse(a_fmt), parse(g_fmt)
         ctx.save_for_backward(x, weight)
-        ctx.settings = (w_fmt, a_fmt, g_fmt, rounding)
+        ctx.settings = (w_fmt, a_fmt, g_fmt, rounding, dtype)
         ctx.has_bias = bias is not None
-        x_q = quantize(x, a_fmt, -1, rounding)
-        w_q = quantize(weight, w_fmt, -1, rounding)
+        x_q = _quantize_to(x, a_fmt, -1, rounding, dtype)
+        w_q = _quantize_to(weight, w_fmt, -1, rounding, dtype)
         return F.linear(x_q, w_q, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        w_fmt, a_fmt, g_fmt, rounding = ctx.settings
+        w_fmt, a_fmt, g_fmt, rounding, dtype = ctx.settings
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             # dx = g @ W sums over out_features: g along its last axis, W (out, in) along 0.
-            grad_x = quantize(grad_out, g_fmt, -1, rounding) @ quantize(weight, w_fmt, 0, rounding)
+            w_q = _quantize_to(weight, w_fmt, 0, rounding, dtype)
+            grad_x = (quantize(grad_out, g_fmt, -1, rounding) @ w_q).to(x.dtype)
         tokens_g = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[1]:
             # dW = g.T @ x sums over the tokens: both blocked along the (flattened) token axis.
             tokens_x = x.reshape(-1, x.shape[-1])
-            grad_w = quantize(tokens_g, g_fmt, 0, rounding).T @ quantize(
-                tokens_x, a_fmt, 0, rounding
-            )
+            x_q = _quantize_to(tokens_x, a_fmt, 0, rounding, dtype)
+            grad_w = (quantize(tokens_g, g_fmt, 0, rounding).T @ x_q).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = tokens_g.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``t`` in ``dtype`` (``None``: unchanged)."""
+    return t if dtype is None else t.to(dtype)
+
+
+def _quantize_to(
+    t: Tensor,
+    fmt: Format,
+    axis: int,
+    rounding: Rounding,
+    dtype: torch.dtype | None,
+    quantizer: Callable[[Tensor, Format, int, Rounding], Tensor] = quantize,
+) -> Tensor:
+    """``quantizer(t, fmt, axis, rounding)`` (``quantize`` or ``quantize_ste``) cast to ``dtype``.
+
+    Compiled, a ragged MX axis is padded here and cut after the cast: Inductor (torch 2.13)
+    miscompiles a slice followed by a narrowing cast, leaving uninitialised memory (NaN) in
+    the short last block (issue 18). ``quantize`` casts before its own slice, but a cast after
+    it would meet the bug again. Zero padding leaves every block's amax, hence every value, as
+    ``quantize``'s own padding does. Eager code has no such bug and pads nothing more.
+    """
+    if dtype is None or dtype == t.dtype:
+        return quantizer(t, fmt, axis, rounding)
+    length = t.shape[axis]
+    pad = -length % fmt.block_size if fmt.block_size else 0
+    if not pad or not torch.compiler.is_compiling():
+        return quantizer(t, fmt, axis, rounding).to(dtype)
+    axis %= t.ndim
+    padded = F.pad(t, (0, 0) * (t.ndim - 1 - axis) + (0, pad))
+    # Contiguous, as quantize's output is: a strided operand would take F.linear off addmm
+    # (onto a matmul and a separate bias add, which rounds to bf16 twice).
+    return quantizer(padded, fmt, axis, rounding).to(dtype).narrow(axis, 0, length).contiguous()
+
+
+def _by_name(*formats: Format | None) -> tuple[str | Format | None, ...]:
+    """Each format as its name where it is a built-in one, for ``autograd.Function.apply``.
+
+    Under ``torch.compile(dynamic=True)`` Dynamo would make a ``Format``'s float fields
+    symbolic inputs of the Function and fail to lift them (as :func:`quantize_ste` notes).
+    """
+    return tuple(
+        f.name if f is not None and FORMATS.get(f.name) == f else f for f in formats
+    )
 
 
 def quantize_linears(
