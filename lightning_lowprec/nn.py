@@ -17,7 +17,7 @@ model and the ``state_dict`` does not change. The Lightning plugins in
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 
 import torch
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_lowprec.formats import FORMATS, Format, parse
-from lightning_lowprec.quantize import ROUNDING_MODES, Rounding, quantize, quantize_ste
+from lightning_lowprec.quantize import ROUNDING_MODES, Rounding, quantize
 from lightning_lowprec.scaled_mm import Backend, check_backend, scaled_mm_linear, use_scaled_mm
 
 __all__ = ["FormatMap", "QuantizedLinear", "check_format_map", "layer_formats", "quantize_linears"]
@@ -50,9 +50,12 @@ class QuantizedLinear(nn.Linear):
 
     Backward, ``quantize_backward=False`` (default, as in the LMD paper): straight-through. The
     gradients are those of the matmul of the quantized operands, computed in the working
-    dtype: ``dx = g @ Q_w(W)`` and ``dW = g.T @ Q_a(x)``. The backward keeps the quantized
-    copies of ``x`` and ``W``: one activation-sized and one weight-sized tensor per layer more
-    than a plain ``nn.Linear``, which keeps references to tensors that exist anyway.
+    dtype: ``dx = g @ Q_w(W)`` and ``dW = g.T @ Q_a(x)``. The backward keeps ``Q_a(x)`` (in
+    the working dtype, where ``F.linear`` would keep ``x``) and the weight itself, and
+    quantizes the weight again for ``dx``, to the same bits: no weight-sized tensor lives from
+    the forward to the backward (a plain ``nn.Linear`` under autocast keeps a bf16 copy).
+    With ``rounding="stochastic"`` it keeps ``Q_w(W)`` instead (a new draw would change the
+    gradient).
 
     Backward, ``quantize_backward=True``: both backward matmuls also run on quantized
     operands, each blocked along its own reduction axis (as ``microxcaling``'s ``mx.Linear``):
@@ -179,9 +182,9 @@ class QuantizedLinear(nn.Linear):
                 x, weight, bias, *_by_name(self.w_fmt, self.a_fmt, self.g_fmt), self.rounding,
                 dtype,
             )
-        x_q = _quantize_to(x, self.a_fmt, -1, self.rounding, dtype, quantize_ste)
-        w_q = _quantize_to(weight, self.w_fmt, -1, self.rounding, dtype, quantize_ste)
-        return F.linear(x_q, w_q, bias)
+        return _StraightThroughLinear.apply(
+            x, weight, bias, None, *_by_name(self.w_fmt, self.a_fmt), self.rounding, dtype
+        )
 
     def extra_repr(self) -> str:
         formats = {"w_fmt": self.w_fmt, "a_fmt": self.a_fmt, "g_fmt": self.g_fmt}
@@ -197,6 +200,45 @@ class QuantizedLinear(nn.Linear):
         if self.backend != "auto":
             extra += f", backend={self.backend}"
         return f"{super().extra_repr()}, {shown}{extra}"
+
+
+class _StraightThroughLinear(torch.autograd.Function):
+    """``F.linear(Q_a(x), Q_w(W), bias)`` with the straight-through backward (forward-only mode).
+
+    Keeps ``Q_a(x)`` and, instead of ``Q_w(W)``, the weight: the backward quantizes it again
+    (the same bits for deterministic rounding), so no weight-sized copy is held from forward to
+    backward. ``w_q``, where given, is the quantized weight already (the layer's cache, which
+    holds it anyway): it is used and kept as it is, as is ``Q_w(W)`` under stochastic
+    rounding. The backward's matmuls are those of autograd for ``F.linear``: the gradients
+    are bit for bit the same as those of ``F.linear`` on the quantized operands.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w_q, w_fmt, a_fmt, rounding, dtype):
+        w_fmt, a_fmt = parse(w_fmt), parse(a_fmt)
+        x_q = _quantize_to(x, a_fmt, -1, rounding, dtype)
+        again = w_q is None and rounding != "stochastic"
+        if w_q is None:
+            w_q = _quantize_to(weight, w_fmt, -1, rounding, dtype)
+        ctx.save_for_backward(x_q, weight if again else w_q)
+        ctx.settings = (w_fmt, rounding, dtype, again, x.dtype, weight.dtype)
+        ctx.has_bias = bias is not None
+        return F.linear(x_q, w_q, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_q, w = ctx.saved_tensors
+        w_fmt, rounding, dtype, again, x_dtype, w_dtype = ctx.settings
+        grad_x = grad_w = grad_b = None
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[0]:
+            w_q = _quantize_to(w, w_fmt, -1, rounding, dtype) if again else w
+            grad_x = g.mm(w_q).reshape(*grad_out.shape[:-1], -1).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = g.t().mm(x_q.reshape(-1, x_q.shape[-1])).to(w_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 class _QuantizedLinearFunction(torch.autograd.Function):
@@ -242,14 +284,9 @@ def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
 
 
 def _quantize_to(
-    t: Tensor,
-    fmt: Format,
-    axis: int,
-    rounding: Rounding,
-    dtype: torch.dtype | None,
-    quantizer: Callable[[Tensor, Format, int, Rounding], Tensor] = quantize,
+    t: Tensor, fmt: Format, axis: int, rounding: Rounding, dtype: torch.dtype | None
 ) -> Tensor:
-    """``quantizer(t, fmt, axis, rounding)`` (``quantize`` or ``quantize_ste``) cast to ``dtype``.
+    """``quantize(t, fmt, axis, rounding)`` cast to ``dtype`` (``None``: ``t``'s dtype).
 
     Compiled, a ragged MX axis is padded here and cut after the cast: Inductor (torch 2.13)
     miscompiles a slice followed by a narrowing cast, leaving uninitialised memory (NaN) in
@@ -258,16 +295,16 @@ def _quantize_to(
     ``quantize``'s own padding does. Eager code has no such bug and pads nothing more.
     """
     if dtype is None or dtype == t.dtype:
-        return quantizer(t, fmt, axis, rounding)
+        return quantize(t, fmt, axis, rounding)
     length = t.shape[axis]
     pad = -length % fmt.block_size if fmt.block_size else 0
     if not pad or not torch.compiler.is_compiling():
-        return quantizer(t, fmt, axis, rounding).to(dtype)
+        return quantize(t, fmt, axis, rounding).to(dtype)
     axis %= t.ndim
     padded = F.pad(t, (0, 0) * (t.ndim - 1 - axis) + (0, pad))
     # Contiguous, as quantize's output is: a strided operand would take F.linear off addmm
     # (onto a matmul and a separate bias add, which rounds to bf16 twice).
-    return quantizer(padded, fmt, axis, rounding).to(dtype).narrow(axis, 0, length).contiguous()
+    return quantize(padded, fmt, axis, rounding).to(dtype).narrow(axis, 0, length).contiguous()
 
 
 def _by_name(*formats: Format | None) -> tuple[str | Format | None, ...]:

@@ -106,6 +106,55 @@ def test_forward_only_gives_the_straight_through_gradient(shape):
     assert layer.bias.grad.abs().sum() > 0
 
 
+def saved_storages(fn):
+    """Run ``fn()``; return the storages (by data pointer: bytes) autograd saved meanwhile."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_forward_only_keeps_no_copy_of_the_weight(autocast):
+    """Issue 18: the backward keeps Q(x) and the weight itself, not a quantized weight copy."""
+    layer, x = layer_and_input((3, 17))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y, saved = saved_storages(lambda: layer(x))
+    weight = layer.weight.untyped_storage()
+    others = {ptr: n for ptr, n in saved.items() if ptr != weight.data_ptr()}
+    # Q(x) in the working dtype, as F.linear would keep x. In fp32 it is quantize's output,
+    # a view of its buffer padded to whole blocks (96 columns for in_features 72).
+    assert list(others.values()) == [x.numel() * 2 if autocast else x.numel() // 72 * 96 * 4]
+    assert weight.data_ptr() in saved
+    r = torch.randn_like(y)
+    (y * r).float().sum().backward()
+    x_q = quantize(x.detach(), FMT)
+    w_q = quantize(layer.weight.detach(), FMT)
+    if autocast:
+        x_q, w_q = bf16(x_q), bf16(w_q)
+    assert torch.equal(x.grad, (r @ w_q).float())
+    assert torch.equal(layer.weight.grad, (r.reshape(-1, 40).T @ x_q.reshape(-1, 72)).float())
+
+
+def test_forward_only_stochastic_gradient_uses_the_forward_draw():
+    """Stochastic rounding keeps Q(W): quantizing again would draw another weight."""
+    layer, x = layer_and_input((3, 17), rounding="stochastic", fmt="mxfp4_e2m1")
+    torch.manual_seed(5)
+    y = layer(x)
+    torch.manual_seed(5)  # the forward draws for x, then for the weight
+    x_q = quantize(x.detach(), "mxfp4_e2m1", rounding="stochastic")
+    w_q = quantize(layer.weight.detach(), "mxfp4_e2m1", rounding="stochastic")
+    assert torch.equal(y, F.linear(x_q, w_q, layer.bias))
+    r = torch.randn_like(y)
+    (y * r).sum().backward()
+    assert torch.equal(x.grad, r @ w_q)
+
+
 @pytest.mark.parametrize("shape", [(50,), (3, 17)], ids=["2d", "3d"])
 @pytest.mark.parametrize(
     "formats",
