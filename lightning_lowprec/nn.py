@@ -17,6 +17,7 @@ model and the ``state_dict`` does not change. The Lightning plugins in
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 
@@ -151,9 +152,15 @@ class QuantizedLinear(nn.Linear):
         self.quantize_backward = quantize_backward
         self.rounding = rounding
         self.backend = backend
+        self._weight_cache = None  # see _cached_weight
 
     def forward(self, input: Tensor) -> Tensor:
         return self._matmul(input, self.weight, self.bias)
+
+    def __getstate__(self) -> dict:
+        # Pickles and deep copies leave the quantized-weight cache behind (a copy's own weight
+        # would never match it anyway).
+        return {**self.__dict__, "_weight_cache": None}
 
     def _matmul(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """``x @ weight.T + bias`` quantized; ``weight`` in the Linear layout ``[out, in]``."""
@@ -179,11 +186,12 @@ class QuantizedLinear(nn.Linear):
             )
         if self.quantize_backward:
             return _QuantizedLinearFunction.apply(
-                x, weight, bias, *_by_name(self.w_fmt, self.a_fmt, self.g_fmt), self.rounding,
-                dtype,
+                x, weight, bias, _cached_weight(self, weight, dtype),
+                *_by_name(self.w_fmt, self.a_fmt, self.g_fmt), self.rounding, dtype,
             )
         return _StraightThroughLinear.apply(
-            x, weight, bias, None, *_by_name(self.w_fmt, self.a_fmt), self.rounding, dtype
+            x, weight, bias, _cached_weight(self, weight, dtype),
+            *_by_name(self.w_fmt, self.a_fmt), self.rounding, dtype,
         )
 
     def extra_repr(self) -> str:
@@ -246,16 +254,18 @@ class _QuantizedLinearFunction(torch.autograd.Function):
 
     The operands are quantized in their own dtype and cast to ``dtype`` (the matmul's;
     ``None``: theirs) after; the gradients come back in the dtypes of ``x`` and ``weight``.
+    ``w_q``, where given, is the forward's quantized weight from the layer's cache.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_fmt, a_fmt, g_fmt, rounding, dtype):
+    def forward(ctx, x, weight, bias, w_q, w_fmt, a_fmt, g_fmt, rounding, dtype):
         w_fmt, a_fmt, g_fmt = parse(w_fmt), parse(a_fmt), parse(g_fmt)
         ctx.save_for_backward(x, weight)
         ctx.settings = (w_fmt, a_fmt, g_fmt, rounding, dtype)
         ctx.has_bias = bias is not None
         x_q = _quantize_to(x, a_fmt, -1, rounding, dtype)
-        w_q = _quantize_to(weight, w_fmt, -1, rounding, dtype)
+        if w_q is None:
+            w_q = _quantize_to(weight, w_fmt, -1, rounding, dtype)
         return F.linear(x_q, w_q, bias)
 
     @staticmethod
@@ -275,7 +285,53 @@ class _QuantizedLinearFunction(torch.autograd.Function):
             grad_w = (quantize(tokens_g, g_fmt, 0, rounding).T @ x_q).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = tokens_g.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _cached_weight(layer: nn.Module, weight: Tensor, dtype: torch.dtype | None) -> Tensor | None:
+    """The forward's quantized ``weight`` (blocks along ``in``, cast to ``dtype``) from
+    ``layer``'s cache, quantized and stored on a miss; ``None`` where no cache applies.
+
+    An eval forward, or any forward of a frozen weight, would otherwise quantize an unchanged
+    weight again each time (a generation step quantizes every weight for one token). The
+    entry is valid while its key holds: the same parameter object (a weak reference, so that a
+    new tensor at a freed address never matches), data pointer, shape, strides and version
+    counter, which every in-place write bumps (optimizer steps, ``load_state_dict``, the
+    posterior's ``sample_``/``restore_``), and the same format, rounding, dtype, device and
+    inference mode. Writes through ``.data`` bypass the version counter and are not seen.
+    One entry per layer, holding one weight-sized tensor in the working dtype.
+
+    No cache (and the entry is dropped) when: compiling (the graph quantizes the weight itself,
+    and no module state changes under Dynamo); the weight requires grad in a grad-enabled
+    forward (training: the entry would be the weight-sized copy the backward no longer keeps,
+    for a saving only on accumulation micro-batches); ``rounding="stochastic"`` (each forward
+    draws anew); the weight is no plain ``nn.Parameter`` or a view of one (a parametrized
+    weight is a new tensor each forward, a ``DTensor`` has no version counter of its own); the
+    layer is managed by FSDP2 (``fully_shard`` all-gathers into the same storage without
+    bumping the version, and the entry would keep the unsharded weight it frees).
+    """
+    if torch.compiler.is_compiling():
+        return None
+    source = weight if weight._base is None else weight._base
+    if (
+        layer.rounding == "stochastic"
+        or (weight.requires_grad and torch.is_grad_enabled())
+        or type(source) is not nn.Parameter
+        or getattr(layer, "_is_fsdp_managed_module", False)
+    ):
+        layer._weight_cache = None
+        return None
+    key = (
+        weight.data_ptr(), weight.shape, weight.stride(), weight._version, weight.device,
+        layer.w_fmt, layer.rounding, dtype, torch.is_inference_mode_enabled(),
+    )
+    cached = getattr(layer, "_weight_cache", None)
+    if cached is not None and cached[0]() is source and cached[1] == key:
+        return cached[2]
+    with torch.no_grad():
+        w_q = _quantize_to(weight, layer.w_fmt, -1, layer.rounding, dtype)
+    layer._weight_cache = (weakref.ref(source), key, w_q)
+    return w_q
 
 
 def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:

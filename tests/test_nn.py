@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lightning_lowprec import LMD
+from lightning_lowprec import nn as nn_module
 from lightning_lowprec.formats import FORMATS
 from lightning_lowprec.nn import QuantizedLinear, quantize_linears
 from lightning_lowprec.quantize import quantize
@@ -326,6 +328,113 @@ def test_compiled_dynamic_shapes_equals_eager():
         (g_eager,) = torch.autograd.grad(expected.sum(), x)
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g_compiled, g_eager, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# The quantized-weight cache
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def weight_quantizes(monkeypatch):
+    """Count the ``quantize`` calls of ``nn.py`` on a weight (its storage): ``calls(layer)``."""
+    real, seen = nn_module.quantize, []
+
+    def counting(t, *args, **kwargs):
+        seen.append(t.untyped_storage().data_ptr())
+        return real(t, *args, **kwargs)
+
+    monkeypatch.setattr(nn_module, "quantize", counting)
+
+    def calls(layer):
+        n = seen.count(layer.weight.untyped_storage().data_ptr())
+        seen.clear()
+        return n
+
+    return calls
+
+
+def reference(layer, x):
+    return F.linear(quantize(x, FMT), quantize(layer.weight.detach(), FMT), layer.bias)
+
+
+def test_eval_forwards_quantize_the_weight_once_until_it_changes(weight_quantizes):
+    """Issue 18: the quantized weight is cached while the weight is unchanged."""
+    layer, x = layer_and_input((3, 17))
+    x = x.detach()
+    with torch.no_grad():
+        for expected_calls in (1, 0, 0):
+            assert torch.equal(layer(x), reference(layer, x))
+            assert weight_quantizes(layer) == expected_calls
+        layer.weight.mul_(1.5)  # any in-place update, an optimizer step say
+        assert torch.equal(layer(x), reference(layer, x))
+        assert weight_quantizes(layer) == 1
+        layer.load_state_dict(QuantizedLinear(72, 40, fmt=FMT).state_dict())
+        assert torch.equal(layer(x), reference(layer, x))
+        assert weight_quantizes(layer) == 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # another dtype: another value
+            expected = F.linear(bf16(quantize(x, FMT)), bf16(quantize(layer.weight, FMT)),
+                                bf16(layer.bias))
+            assert torch.equal(layer(x), expected)
+            assert torch.equal(layer(x), expected)
+        assert weight_quantizes(layer) == 1
+    with torch.inference_mode():
+        assert torch.equal(layer(x), reference(layer, x))
+    layer(x).sum().backward()  # no inference tensor met the autograd graph
+    assert layer.weight.grad is not None
+
+
+def test_training_forwards_keep_no_cache_and_frozen_weights_use_it(weight_quantizes):
+    """A trainable weight is quantized in each forward (and again in the backward): a cache
+    would hold the weight-sized copy that the backward no longer keeps. A frozen one is not."""
+    layer, x = layer_and_input((3, 17))
+    with torch.no_grad():
+        layer(x)
+    assert weight_quantizes(layer) == 1
+    for _ in range(2):
+        run_backward(layer, x)
+        assert weight_quantizes(layer) == 2
+    assert layer._weight_cache is None  # the training forward dropped the eval entry
+    layer.weight.requires_grad_(False)
+    for expected_calls in (1, 0):
+        x.grad = None
+        y, r = run_backward(layer, x)
+        assert weight_quantizes(layer) == expected_calls
+        assert torch.equal(y, reference(layer, x))
+        assert torch.equal(x.grad, r @ quantize(layer.weight, FMT))
+
+
+def test_the_cache_follows_the_posterior_sample(weight_quantizes):
+    """Issue 18: LMD's sample_/restore_ write into the weight, which invalidates the cache."""
+    layer, x = layer_and_input((3, 17))
+    x = x.detach()
+    optimizer = LMD(layer.parameters(), seed=0)
+    run_backward(layer, x)
+    optimizer.step()
+    with torch.no_grad():
+        at_rest = layer(x)
+        assert torch.equal(at_rest, reference(layer, x))
+        optimizer.sample_()
+        assert torch.equal(layer(x), reference(layer, x))
+        assert not torch.equal(layer(x), at_rest)
+        optimizer.restore_()
+        assert torch.equal(layer(x), at_rest)
+
+
+def test_no_cache_for_fsdp_parametrized_or_stochastic_weights(weight_quantizes):
+    """FSDP2 all-gathers into the same storage without bumping the version; a parametrized
+    weight is a new tensor each forward; stochastic rounding draws anew each forward."""
+    layer, x = layer_and_input((3, 17))
+    layer._is_fsdp_managed_module = True  # what fully_shard sets on the modules it manages
+    scaled, _ = layer_and_input((3, 17))
+    parametrize.register_parametrization(scaled, "weight", Scale())
+    stochastic, _ = layer_and_input((3, 17), fmt=FMT, rounding="stochastic")
+    with torch.no_grad():
+        for module in (layer, scaled, stochastic):
+            module(x)
+            module(x)
+            assert module._weight_cache is None
+    assert weight_quantizes(layer) == 2
 
 
 # --------------------------------------------------------------------------------------------
