@@ -58,6 +58,13 @@ class QuantizedLinear(nn.Linear):
     With ``rounding="stochastic"`` it keeps ``Q_w(W)`` instead (a new draw would change the
     gradient).
 
+    Forwards that cannot change the weight (grad disabled, as in ``eval`` loops, or a frozen
+    weight) reuse the quantized weight of the previous such forward while the weight is
+    unchanged: any in-place write (optimizer step, ``load_state_dict``, a posterior
+    ``sample_``) invalidates it, through the weight's version counter. The layer then holds
+    one weight-sized tensor in the working dtype. Not under ``torch.compile`` or FSDP2, nor
+    with stochastic rounding or a parametrized weight.
+
     Backward, ``quantize_backward=True``: both backward matmuls also run on quantized
     operands, each blocked along its own reduction axis (as ``microxcaling``'s ``mx.Linear``):
     ``dW = Q_g(g).T @ Q_a(x)`` with ``g`` and ``x`` blocked along the tokens (all leading
