@@ -13,8 +13,10 @@ Each configuration runs in its own subprocess, so that its peak resident memory 
 never count against another. Reported per configuration: ms per
 step (the minimum over ``--repeat`` steps after ``--warmup`` steps, which build optimizer
 state and compile), tokens/s, the ratio to the peer's and to fp32 AdamW's step time,
-optimizer-state bytes (all tensors in ``optimizer.state``, per parameter) and peak RSS (MB,
-also minus the RSS after imports: what the model, optimizer and steps added).
+optimizer-state bytes (all tensors in ``optimizer.state``, per parameter), peak RSS (MB,
+also minus the RSS after imports: what the model, optimizer and steps added) and the bytes
+one forward saves for its backward beyond the parameters (``saved_bytes``: exact, where the
+RSS of so small a model is noisy).
 
 Run: ``OMP_NUM_THREADS=1 python -m benchmarks.train_step [--batch-size 4] [--seq-len 128]``.
 Prints a table; writes ``benchmarks/results/train_step.json``.
@@ -23,12 +25,13 @@ Prints a table; writes ``benchmarks/results/train_step.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +101,29 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+@contextlib.contextmanager
+def saved_bytes(model: torch.nn.Module) -> Iterator[list[int]]:
+    """Count the bytes autograd saves for backward in the forward run inside the block.
+
+    Yields a one-element list that holds the total when the block ends: each distinct storage
+    saved counts once, the model's parameters not at all (they exist anyway). It is the part of
+    a step's peak memory that the layers' backward choices decide, exact where RSS is noisy.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    total = [0]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield total
+    total[0] = sum(seen.values())
+
+
 def measure(name: str, batch_size: int, seq_len: int, warmup: int, repeat: int) -> dict:
     """Time one configuration in this process; return its row (no ratios yet)."""
     import lightning as L
@@ -132,6 +158,10 @@ def measure(name: str, batch_size: int, seq_len: int, warmup: int, repeat: int) 
     ms = best_time(step, repeat=repeat, warmup=warmup)
     state = state_bytes(optimizer.optimizer)
     peak = peak_rss_bytes()
+    with saved_bytes(gpt) as saved:
+        loss = F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten())
+    fabric.backward(loss)
+    optimizer.zero_grad()
     return {
         "config": name,
         "ms/step": ms,
@@ -140,6 +170,7 @@ def measure(name: str, batch_size: int, seq_len: int, warmup: int, repeat: int) 
         "state MB": state / 2**20,
         "peak RSS MB": peak / 2**20,
         "RSS over imports MB": (peak - rss_after_imports) / 2**20,
+        "saved for backward MB": saved[0] / 2**20,
         "parameters": parameters,
     }
 
@@ -166,7 +197,7 @@ def run(names: list[str], batch_size: int, seq_len: int, warmup: int, repeat: in
 
 
 COLUMNS = ["config", "ms/step", "tokens/s", "x peer", "x fp32 AdamW", "state B/param",
-           "peak RSS MB", "RSS over imports MB"]
+           "peak RSS MB", "RSS over imports MB", "saved for backward MB"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ model and the ``state_dict`` does not change. The Lightning plugins in
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 
@@ -25,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_lowprec.formats import Format, parse
-from lightning_lowprec.quantize import ROUNDING_MODES, Rounding, quantize, quantize_ste
+from lightning_lowprec.formats import FORMATS, Format, parse
+from lightning_lowprec.quantize import ROUNDING_MODES, Rounding, quantize
 from lightning_lowprec.scaled_mm import Backend, check_backend, scaled_mm_linear, use_scaled_mm
 
 __all__ = ["FormatMap", "QuantizedLinear", "check_format_map", "layer_formats", "quantize_linears"]
@@ -50,9 +51,19 @@ class QuantizedLinear(nn.Linear):
 
     Backward, ``quantize_backward=False`` (default, as in the LMD paper): straight-through. The
     gradients are those of the matmul of the quantized operands, computed in the working
-    dtype: ``dx = g @ Q_w(W)`` and ``dW = g.T @ Q_a(x)``. The backward keeps the quantized
-    copies of ``x`` and ``W``: one activation-sized and one weight-sized tensor per layer more
-    than a plain ``nn.Linear``, which keeps references to tensors that exist anyway.
+    dtype: ``dx = g @ Q_w(W)`` and ``dW = g.T @ Q_a(x)``. The backward keeps ``Q_a(x)`` (in
+    the working dtype, where ``F.linear`` would keep ``x``) and the weight itself, and
+    quantizes the weight again for ``dx``, to the same bits: no weight-sized tensor lives from
+    the forward to the backward (a plain ``nn.Linear`` under autocast keeps a bf16 copy).
+    With ``rounding="stochastic"`` it keeps ``Q_w(W)`` instead (a new draw would change the
+    gradient).
+
+    Forwards that cannot change the weight (grad disabled, as in ``eval`` loops, or a frozen
+    weight) reuse the quantized weight of the previous such forward while the weight is
+    unchanged: any in-place write (optimizer step, ``load_state_dict``, a posterior
+    ``sample_``) invalidates it, through the weight's version counter. The layer then holds
+    one weight-sized tensor in the working dtype. Not under ``torch.compile`` or FSDP2, nor
+    with stochastic rounding or a parametrized weight.
 
     Backward, ``quantize_backward=True``: both backward matmuls also run on quantized
     operands, each blocked along its own reduction axis (as ``microxcaling``'s ``mx.Linear``):
@@ -61,8 +72,22 @@ class QuantizedLinear(nn.Linear):
     ``out_features``. The bias gradient is not quantized. Only ``x`` and ``W`` themselves are
     saved; their quantized versions are recomputed in the backward.
 
-    Under ``torch.autocast`` the operands are first cast to the autocast dtype, as autocast
-    would cast them for ``F.linear``, and quantized in that dtype.
+    Under ``torch.autocast`` the matmuls run in the autocast dtype, as ``F.linear``'s would,
+    but each operand is quantized from its own dtype (the fp32 weight, say) and only its
+    quantized value is cast. Casting first would round twice: quantizing the bf16-rounded
+    weight differs from quantizing the weight on 0.7% (MXFP4) to 13% (MXINT8) of the elements
+    of a freshly initialised one. The cast after is exact for every MX format: an element has
+    at most 8 significant bits (MXINT8's ``k/64``; the float elements 2 to 4) and its
+    power-of-two scale keeps it in bf16's exponent range, so it is a bf16 value, except in
+    blocks whose amax is below ``2**-102`` (E5M2; ``2**-116`` E4M3, ``2**-125`` or less the
+    others) where bf16's subnormals end. (fp16, whose subnormals end at ``2**-24``, rounds the
+    smallest elements of small blocks again either way, see :func:`quantize`.) For the
+    per-tensor ``fp8_*`` formats the element codes fit bf16 too, but the operand is ``code *
+    amax / max``, which in general is not a bf16 value: quantizing from fp32 gets the right
+    codes and scale (a bf16 amax moves the scale of every element), and the cast rounds the
+    dequantized operand once, as a bf16 matmul of it must. The gradient matmuls
+    (``quantize_backward=True``) quantize the saved source-dtype ``x`` and ``W`` the same way.
+    ``backend="scaled_mm"`` still casts its operands to the autocast dtype first.
 
     Args:
         in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
@@ -134,35 +159,47 @@ class QuantizedLinear(nn.Linear):
         self.quantize_backward = quantize_backward
         self.rounding = rounding
         self.backend = backend
+        self._weight_cache = None  # see _cached_weight
 
     def forward(self, input: Tensor) -> Tensor:
         return self._matmul(input, self.weight, self.bias)
+
+    def __getstate__(self) -> dict:
+        # Pickles and deep copies leave the quantized-weight cache behind (a copy's own weight
+        # would never match it anyway).
+        return {**self.__dict__, "_weight_cache": None}
 
     def _matmul(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """``x @ weight.T + bias`` quantized; ``weight`` in the Linear layout ``[out, in]``."""
         device_type = x.device.type
         if not torch.is_autocast_enabled(device_type):
-            return self._quantized_linear(x, weight, bias)
-        # Cast as autocast casts F.linear's operands, then quantize in that dtype; the matmul
-        # below runs with autocast off so that nothing is cast again.
+            return self._quantized_linear(x, weight, bias, None)
+        # The operands are quantized from their own (fp32) values and cast to the autocast
+        # dtype after (see the class doc); the matmul runs with autocast off so that nothing
+        # is cast again.
         dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
-            return self._quantized_linear(x, weight, bias)
+            return self._quantized_linear(x, weight, bias, dtype)
 
-    def _quantized_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _quantized_linear(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype | None
+    ) -> Tensor:
+        """The quantized ``F.linear`` with the matmul in ``dtype`` (``None``: the operands')."""
         if use_scaled_mm(self.backend, x.device, self.w_fmt, self.a_fmt, self.g_fmt):
             return scaled_mm_linear(
-                x, weight, bias, self.w_fmt, self.a_fmt, self.g_fmt, self.rounding
+                _cast(x, dtype), _cast(weight, dtype), bias,
+                self.w_fmt, self.a_fmt, self.g_fmt, self.rounding,
             )
         if self.quantize_backward:
             return _QuantizedLinearFunction.apply(
-                x, weight, bias, self.w_fmt, self.a_fmt, self.g_fmt, self.rounding
+                x, weight, bias, _cached_weight(self, weight, dtype),
+                *_by_name(self.w_fmt, self.a_fmt, self.g_fmt), self.rounding, dtype,
             )
-        x_q = quantize_ste(x, self.a_fmt, -1, self.rounding)
-        w_q = quantize_ste(weight, self.w_fmt, -1, self.rounding)
-        return F.linear(x_q, w_q, bias)
+        return _StraightThroughLinear.apply(
+            x, weight, bias, _cached_weight(self, weight, dtype),
+            *_by_name(self.w_fmt, self.a_fmt), self.rounding, dtype,
+        )
 
     def extra_repr(self) -> str:
         formats = {"w_fmt": self.w_fmt, "a_fmt": self.a_fmt, "g_fmt": self.g_fmt}
@@ -180,36 +217,168 @@ class QuantizedLinear(nn.Linear):
         return f"{super().extra_repr()}, {shown}{extra}"
 
 
-class _QuantizedLinearFunction(torch.autograd.Function):
-    """``F.linear`` with all three matmuls (forward, input and weight gradient) quantized."""
+class _StraightThroughLinear(torch.autograd.Function):
+    """``F.linear(Q_a(x), Q_w(W), bias)`` with the straight-through backward (forward-only mode).
+
+    Keeps ``Q_a(x)`` and, instead of ``Q_w(W)``, the weight: the backward quantizes it again
+    (the same bits for deterministic rounding), so no weight-sized copy is held from forward to
+    backward. ``w_q``, where given, is the quantized weight already (the layer's cache, which
+    holds it anyway): it is used and kept as it is, as is ``Q_w(W)`` under stochastic
+    rounding. The backward's matmuls are those of autograd for ``F.linear``: the gradients
+    are bit for bit the same as those of ``F.linear`` on the quantized operands.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_fmt, a_fmt, g_fmt, rounding):
-        ctx.save_for_backward(x, weight)
-        ctx.settings = (w_fmt, a_fmt, g_fmt, rounding)
+    def forward(ctx, x, weight, bias, w_q, w_fmt, a_fmt, rounding, dtype):
+        w_fmt, a_fmt = parse(w_fmt), parse(a_fmt)
+        x_q = _quantize_to(x, a_fmt, -1, rounding, dtype)
+        again = w_q is None and rounding != "stochastic"
+        if w_q is None:
+            w_q = _quantize_to(weight, w_fmt, -1, rounding, dtype)
+        ctx.save_for_backward(x_q, weight if again else w_q)
+        ctx.settings = (w_fmt, rounding, dtype, again, x.dtype, weight.dtype)
         ctx.has_bias = bias is not None
-        x_q = quantize(x, a_fmt, -1, rounding)
-        w_q = quantize(weight, w_fmt, -1, rounding)
+        return F.linear(x_q, w_q, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_q, w = ctx.saved_tensors
+        w_fmt, rounding, dtype, again, x_dtype, w_dtype = ctx.settings
+        grad_x = grad_w = grad_b = None
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[0]:
+            w_q = _quantize_to(w, w_fmt, -1, rounding, dtype) if again else w
+            grad_x = g.mm(w_q).reshape(*grad_out.shape[:-1], -1).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = g.t().mm(x_q.reshape(-1, x_q.shape[-1])).to(w_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+class _QuantizedLinearFunction(torch.autograd.Function):
+    """``F.linear`` with all three matmuls (forward, input and weight gradient) quantized.
+
+    The operands are quantized in their own dtype and cast to ``dtype`` (the matmul's;
+    ``None``: theirs) after; the gradients come back in the dtypes of ``x`` and ``weight``.
+    ``w_q``, where given, is the forward's quantized weight from the layer's cache.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w_q, w_fmt, a_fmt, g_fmt, rounding, dtype):
+        w_fmt, a_fmt, g_fmt = parse(w_fmt), parse(a_fmt), parse(g_fmt)
+        ctx.save_for_backward(x, weight)
+        ctx.settings = (w_fmt, a_fmt, g_fmt, rounding, dtype)
+        ctx.has_bias = bias is not None
+        x_q = _quantize_to(x, a_fmt, -1, rounding, dtype)
+        if w_q is None:
+            w_q = _quantize_to(weight, w_fmt, -1, rounding, dtype)
         return F.linear(x_q, w_q, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        w_fmt, a_fmt, g_fmt, rounding = ctx.settings
+        w_fmt, a_fmt, g_fmt, rounding, dtype = ctx.settings
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             # dx = g @ W sums over out_features: g along its last axis, W (out, in) along 0.
-            grad_x = quantize(grad_out, g_fmt, -1, rounding) @ quantize(weight, w_fmt, 0, rounding)
+            w_q = _quantize_to(weight, w_fmt, 0, rounding, dtype)
+            grad_x = (quantize(grad_out, g_fmt, -1, rounding) @ w_q).to(x.dtype)
         tokens_g = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[1]:
             # dW = g.T @ x sums over the tokens: both blocked along the (flattened) token axis.
             tokens_x = x.reshape(-1, x.shape[-1])
-            grad_w = quantize(tokens_g, g_fmt, 0, rounding).T @ quantize(
-                tokens_x, a_fmt, 0, rounding
-            )
+            x_q = _quantize_to(tokens_x, a_fmt, 0, rounding, dtype)
+            grad_w = (quantize(tokens_g, g_fmt, 0, rounding).T @ x_q).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = tokens_g.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _cached_weight(layer: nn.Module, weight: Tensor, dtype: torch.dtype | None) -> Tensor | None:
+    """The forward's quantized ``weight`` (blocks along ``in``, cast to ``dtype``) from
+    ``layer``'s cache, quantized and stored on a miss; ``None`` where no cache applies.
+
+    An eval forward, or any forward of a frozen weight, would otherwise quantize an unchanged
+    weight again each time (a generation step quantizes every weight for one token). The
+    entry is valid while its key holds: the same parameter object (a weak reference, so that a
+    new tensor at a freed address never matches), data pointer, shape, strides and version
+    counter, which every in-place write bumps (optimizer steps, ``load_state_dict``, the
+    posterior's ``sample_``/``restore_``), and the same format, rounding, dtype, device and
+    inference mode. Writes through ``.data`` bypass the version counter and are not seen.
+    One entry per layer, holding one weight-sized tensor in the working dtype.
+
+    No cache (and the entry is dropped) when: compiling (the graph quantizes the weight itself,
+    and no module state changes under Dynamo); the weight requires grad in a grad-enabled
+    forward (training: the entry would be the weight-sized copy the backward no longer keeps,
+    for a saving only on accumulation micro-batches); ``rounding="stochastic"`` (each forward
+    draws anew); the weight is no plain ``nn.Parameter`` or a view of one (a parametrized
+    weight is a new tensor each forward, a ``DTensor`` has no version counter of its own); the
+    layer is managed by FSDP2 (``fully_shard`` all-gathers into the same storage without
+    bumping the version, and the entry would keep the unsharded weight it frees).
+    """
+    if torch.compiler.is_compiling():
+        return None
+    source = weight if weight._base is None else weight._base
+    if (
+        layer.rounding == "stochastic"
+        or (weight.requires_grad and torch.is_grad_enabled())
+        or type(source) is not nn.Parameter
+        or getattr(layer, "_is_fsdp_managed_module", False)
+    ):
+        layer._weight_cache = None
+        return None
+    key = (
+        weight.data_ptr(), weight.shape, weight.stride(), weight._version, weight.device,
+        layer.w_fmt, layer.rounding, dtype, torch.is_inference_mode_enabled(),
+    )
+    cached = getattr(layer, "_weight_cache", None)
+    if cached is not None and cached[0]() is source and cached[1] == key:
+        return cached[2]
+    with torch.no_grad():
+        w_q = _quantize_to(weight, layer.w_fmt, -1, layer.rounding, dtype)
+    layer._weight_cache = (weakref.ref(source), key, w_q)
+    return w_q
+
+
+def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``t`` in ``dtype`` (``None``: unchanged)."""
+    return t if dtype is None else t.to(dtype)
+
+
+def _quantize_to(
+    t: Tensor, fmt: Format, axis: int, rounding: Rounding, dtype: torch.dtype | None
+) -> Tensor:
+    """``quantize(t, fmt, axis, rounding)`` cast to ``dtype`` (``None``: ``t``'s dtype).
+
+    Compiled, a ragged MX axis is padded here and cut after the cast: Inductor (torch 2.13)
+    miscompiles a slice followed by a narrowing cast, leaving uninitialised memory (NaN) in
+    the short last block (issue 18). ``quantize`` casts before its own slice, but a cast after
+    it would meet the bug again. Zero padding leaves every block's amax, hence every value, as
+    ``quantize``'s own padding does. Eager code has no such bug and pads nothing more.
+    """
+    if dtype is None or dtype == t.dtype:
+        return quantize(t, fmt, axis, rounding)
+    length = t.shape[axis]
+    pad = -length % fmt.block_size if fmt.block_size else 0
+    if not pad or not torch.compiler.is_compiling():
+        return quantize(t, fmt, axis, rounding).to(dtype)
+    axis %= t.ndim
+    padded = F.pad(t, (0, 0) * (t.ndim - 1 - axis) + (0, pad))
+    # Contiguous, as quantize's output is: a strided operand would take F.linear off addmm
+    # (onto a matmul and a separate bias add, which rounds to bf16 twice).
+    return quantize(padded, fmt, axis, rounding).to(dtype).narrow(axis, 0, length).contiguous()
+
+
+def _by_name(*formats: Format | None) -> tuple[str | Format | None, ...]:
+    """Each format as its name where it is a built-in one, for ``autograd.Function.apply``.
+
+    Under ``torch.compile(dynamic=True)`` Dynamo would make a ``Format``'s float fields
+    symbolic inputs of the Function and fail to lift them (as :func:`quantize_ste` notes).
+    """
+    return tuple(
+        f.name if f is not None and FORMATS.get(f.name) == f else f for f in formats
+    )
 
 
 def quantize_linears(

@@ -249,13 +249,13 @@ def test_logits_equal_a_hand_built_fake_quant_forward(autocast, tokens):
 
 
 def fake_quant_forward(layer: nn.Linear):
-    """A Linear forward written from scratch: cast as autocast would, quantize, F.linear."""
+    """A Linear forward written from scratch: quantize, cast as autocast would, F.linear."""
 
     def forward(x):
-        weight, bias = layer.weight, layer.bias
+        x, weight, bias = quantize(x, FMT), quantize(layer.weight, FMT), layer.bias
         if torch.is_autocast_enabled("cpu"):
             x, weight, bias = (t.to(torch.bfloat16) for t in (x, weight, bias))
-        return F.linear(quantize(x, FMT), quantize(weight, FMT), bias)
+        return F.linear(x, weight, bias)
 
     return forward
 
