@@ -134,3 +134,93 @@ def test_fsdp2_checkpoints_resume_exactly_and_full_ones_are_merged(tmp_path):
     plain.eval()
     with torch.no_grad():
         assert torch.equal(plain(probe()), torch.load(tmp_path / "logits.pt"))
+
+
+def trainer_fit(rank: int, out: Path, ckpt_path: Path | None = None,
+                merge: bool = True) -> dict[str, torch.Tensor]:
+    """6 steps (2 epochs of 3 batches per rank), checkpointing at each epoch's end; or from
+    ``ckpt_path`` on to step 6."""
+    import lightning as L
+    from conftest import make_gpt
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_lowprec import LMD, LowPrecisionPlugin, fully_shard_blocks
+    from lightning_lowprec.callbacks import MergeMultipliers
+    from lightning_lowprec.multipliers import add_multipliers
+    from lightning_lowprec.optim import param_groups
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gpt = make_gpt(0 if ckpt_path is None else 7)
+            add_multipliers(self.gpt, "paper")
+
+        def configure_model(self) -> None:
+            fully_shard_blocks(self.gpt, self.device_mesh)
+
+        def training_step(self, batch: list[torch.Tensor], _: int) -> torch.Tensor:
+            (x,) = batch
+            logits = self.gpt(x[:, :-1])
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+
+        def configure_optimizers(self) -> LMD:
+            return LMD(param_groups(self.gpt, weight_decay=0.1), lr=0.02, seed=1, sigma=0.1)
+
+    callbacks: list[object] = [MergeMultipliers()] if merge else []
+    if ckpt_path is None:
+        callbacks.append(ModelCheckpoint(out, save_top_k=-1, every_n_epochs=1,
+                                         save_on_train_epoch_end=True))
+    # One batch, repeated: the Trainer's resume of a plain DataLoader through its distributed
+    # sampler replays other batches than the uninterrupted run sees (measured without
+    # multipliers too), and this test is about the checkpoint, not about the data order.
+    data = torch.randint(0, 4096, (2, 17), generator=torch.Generator().manual_seed(4)).repeat(6, 1)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, max_steps=6, logger=False, enable_progress_bar=False,
+        default_root_dir=out,
+        enable_model_summary=False, callbacks=callbacks,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                       save_distributed_checkpoint=False),
+        plugins=[LowPrecisionPlugin("mxfp6_e2m3")])
+    module = Module()
+    trainer.fit(module, DataLoader(TensorDataset(data), batch_size=2), ckpt_path=ckpt_path)
+    return {n: p.detach().full_tensor().clone() for n, p in module.gpt.named_parameters()}
+
+
+def trainer_main(rank: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from lightning_lowprec.callbacks import unmerge_checkpoint
+
+    out_dir = Path(out)
+    merged = out_dir / "epoch=0-step=3.ckpt"
+    trainer_fit(rank, out_dir)
+    if rank == 0:  # the same checkpoint as Lightning writes it without the callback
+        plain = unmerge_checkpoint(torch.load(merged, weights_only=False))
+        torch.save(plain, out_dir / "plain.ckpt")
+    dist.barrier()
+    from_merged = trainer_fit(rank, out_dir, ckpt_path=merged)
+    from_plain = trainer_fit(rank, out_dir, ckpt_path=out_dir / "plain.ckpt", merge=False)
+    assert_same(from_merged, from_plain, "Trainer resumed from the merged vs the plain checkpoint")
+
+
+@pytest.mark.slow  # ~60 s: three 2-process Trainer fits
+def test_trainer_fsdp2_full_checkpoint_is_merged_and_resumes_as_lightning_does(tmp_path):
+    """``MergeMultipliers`` with the Trainer's ``ModelParallelStrategy``: the checkpoint
+    ``ModelCheckpoint`` writes at step 3 loads strictly into the plain GPT, and resuming from
+    it reaches exactly the parameters of resuming from the unmerged checkpoint through
+    Lightning's own loader. (Not compared with the uninterrupted run: the Trainer's resume
+    under FSDP2 diverges from it at the second resumed step with or without the callback —
+    seen with LMD sampled, MXFP6, here; a Lightning loop matter outside this test.)"""
+    from conftest import make_gpt
+
+    from lightning_lowprec.callbacks import FACTORS_KEY
+
+    spawn(trainer_main, tmp_path, str(tmp_path))
+    saved = torch.load(tmp_path / "epoch=0-step=3.ckpt", weights_only=False)
+    assert FACTORS_KEY in saved
+    assert not any("parametrizations" in k for k in saved["state_dict"])
+    plain = make_gpt(seed=11)
+    plain.load_state_dict({k.removeprefix("gpt."): v for k, v in saved["state_dict"].items()},
+                          strict=True)
