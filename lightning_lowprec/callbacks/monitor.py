@@ -72,7 +72,9 @@ Costs: between logged steps, a few attribute checks per step. For a logged step:
 trainable matrices (for the update ratio; ``update_ratio=False`` skips it) held from the end of
 step ``k − 1`` to the end of step ``k``, one extra quantization of every quantized layer's input
 per training forward of step ``k`` and of its weight, a few reductions per parameter, and one
-device-to-host transfer. Persistently, 1 bit per LMD weight (the sign reference). The benchmark
+device-to-host transfer; distributed, also two small all-reduces per pass (sum, max), one
+for the activation sums and, under FSDP2, one all-gather per quantized layer's weight.
+Persistently, 1 bit per LMD weight (the sign reference). The benchmark
 ``benchmarks/monitor.py`` measures the overhead at the default interval.
 
 ``torch.compile``: adding and removing the forward hooks around a logged step makes a compiled
