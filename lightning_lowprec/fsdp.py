@@ -22,8 +22,8 @@ from collections.abc import Iterable
 from torch import nn
 
 __all__ = [
-    "FSDP1_MESSAGE", "data_parallel_mesh", "fully_shard_blocks", "refuse_fsdp1", "reshard",
-    "transformer_blocks",
+    "FSDP1_MESSAGE", "data_parallel_mesh", "fully_shard_blocks", "mark_sharded_multipliers",
+    "refuse_fsdp1", "reshard", "transformer_blocks",
 ]
 
 FSDP1_MESSAGE = (
@@ -103,7 +103,27 @@ def fully_shard_blocks(
     for block in transformer_blocks(module) if blocks is None else blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(module, mesh=mesh)
+    mark_sharded_multipliers(module)
     return module
+
+
+def mark_sharded_multipliers(module: nn.Module) -> None:
+    """Mark the ``DTensor`` parameters of every :class:`~lightning_lowprec.multipliers.Multipliers`
+    in ``module`` as multipliers again (:func:`fully_shard_blocks` calls it).
+
+    Why: ``fully_shard`` replaces each parameter by a new ``nn.Parameter`` holding its
+    ``DTensor`` shard, without the mark :func:`~lightning_lowprec.optim.mark_multiplier` set;
+    unmarked, the multipliers would be clipped with the other gradients, get the matrices'
+    weight decay from ``param_groups`` and be monitored as weights. Call it after your own
+    ``fully_shard`` calls if you do not use :func:`fully_shard_blocks`.
+    """
+    from lightning_lowprec.multipliers import Multipliers
+    from lightning_lowprec.optim.groups import mark_multiplier
+
+    for child in module.modules():
+        if isinstance(child, Multipliers):
+            for p in child.parameters(recurse=False):
+                mark_multiplier(p)
 
 
 def reshard(module: nn.Module) -> None:

@@ -97,3 +97,15 @@ def test_speed_quick_collects_every_section(tmp_path):
     assert "| train_step |" in stdout
     assert (tmp_path / "optim.json").is_file() and (tmp_path / "train_step.json").is_file()
     assert (tmp_path / "speed_ratios.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fsdp_quick_measures_every_optimizer_per_rank(tmp_path):
+    """FSDP2 holds about half of DDP's parameter + state bytes per rank on 2 ranks."""
+    stdout = run_module("benchmarks.fsdp", tmp_path)
+    rows = json.loads((tmp_path / "fsdp.json").read_text())["rows"]
+    assert [r["optimizer"] for r in rows] == ["AdamW", "LMD", "M+Adam", "Madam"]
+    for r in rows:
+        assert r["DDP params MB"] > 0 and r["DDP state MB"] > 0, r
+        assert 0.45 < r["x DDP"] <= 0.55 and r["target"] == "met", r
+        assert set(r["bytes_per_rank"]) == {"rank0", "rank1"}
+    assert "| LMD |" in stdout

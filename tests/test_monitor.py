@@ -330,9 +330,12 @@ def test_fabric_loop_logs_every_tag_with_the_values_of_the_step(tmp_path, tokens
     assert all(len(inputs) == ACCUMULATE for inputs in capture.inputs.values())
     scalars = read_scalars(logger.log_dir)
     assert_logged(scalars, expected)
-    # what clipping saw: the norm fabric.clip_gradients returns, before it clipped
+    # what clipping saw: the norm fabric.clip_gradients returns, before it clipped (torch's
+    # fp32 norm on CPU, measured up to 6e-5 relative off the float64 one the monitor logs)
     assert clip_norms[STEPS] > 0.05
-    assert scalars["norm/grad/global_clipped_params"][STEPS] == pytest.approx(clip_norms[STEPS])
+    assert scalars["norm/grad/global_clipped_params"][STEPS] == pytest.approx(
+        clip_norms[STEPS], rel=2e-4
+    )
     assert not any(layer._forward_hooks for layer in layers.values())
 
 
@@ -420,7 +423,9 @@ def test_medians_at_the_soft_clip_bounds_are_counted_within_the_margin():
 # -- rank, resume, misuse -------------------------------------------------------------------
 
 
-def test_only_rank_zero_computes_or_logs(tmp_path, tokens, monkeypatch):
+def test_only_rank_zero_logs(tmp_path, tokens, monkeypatch):
+    """Every rank computes (under FSDP2 its shards take part in the reductions); the others
+    write nothing."""
     monkeypatch.setattr(L.Fabric, "is_global_zero", property(lambda self: False))
     logger = FabricTensorBoardLogger(tmp_path, name="rank1")
     fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[LowPrecision(FMT)], loggers=logger,
@@ -429,7 +434,7 @@ def test_only_rank_zero_computes_or_logs(tmp_path, tokens, monkeypatch):
     model, optimizer = fabric.setup(gpt, torch.optim.SGD(gpt.parameters(), lr=1e-3))
     inputs, targets = next(iter(DataLoader(TokenWindows(tokens, 2), batch_size=2)))
     for _ in range(2):
-        assert not any(m._forward_hooks for m in quantized_layers(gpt).values())
+        assert all(m._forward_hooks for m in quantized_layers(gpt).values())  # it computes
         fabric.backward(F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()))
         optimizer.step()
         optimizer.zero_grad()

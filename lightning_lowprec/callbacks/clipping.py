@@ -14,6 +14,13 @@ instance with one that skips parameters marked as multipliers, so everything els
 clipping algorithms, gradient unscaling, ``error_if_nonfinite``, the returned norm — stays
 Lightning's own. By value (``gradient_clip_algorithm="value"``) multipliers are left
 unclipped too.
+
+FSDP2 (``ModelParallelStrategy``): the gradients are ``DTensor`` shards, and
+``torch.nn.utils.clip_grad_norm_`` reduces their norms over the ranks, so the norm is the
+global one, as under DDP (``tests/test_fsdp_clipping.py``: the clipped gradients equal DDP's
+to the last digits of torch's fp32 norm, the multipliers' are untouched). That needs the
+multipliers still marked after sharding: :func:`~lightning_lowprec.fully_shard_blocks` marks
+them again (:func:`~lightning_lowprec.fsdp.mark_sharded_multipliers`).
 """
 
 from __future__ import annotations

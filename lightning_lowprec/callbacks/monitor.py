@@ -72,16 +72,26 @@ Costs: between logged steps, a few attribute checks per step. For a logged step:
 trainable matrices (for the update ratio; ``update_ratio=False`` skips it) held from the end of
 step ``k − 1`` to the end of step ``k``, one extra quantization of every quantized layer's input
 per training forward of step ``k`` and of its weight, a few reductions per parameter, and one
-device-to-host transfer. Persistently, 1 bit per LMD weight (the sign reference). The benchmark
+device-to-host transfer; distributed, also two small all-reduces per pass (sum, max), one
+for the activation sums and, under FSDP2, one all-gather per quantized layer's weight.
+Persistently, 1 bit per LMD weight (the sign reference). The benchmark
 ``benchmarks/monitor.py`` measures the overhead at the default interval.
 
 ``torch.compile``: adding and removing the forward hooks around a logged step makes a compiled
 model recompile; with a compiled model, log rarely or expect that cost per log.
 
-Distributed: only global rank 0 computes and logs, from its own replica, so the activation
-statistics are those of rank 0's batch. Under DDP the weights and gradients are the same on
-every rank. Sharded strategies (FSDP, DeepSpeed, model parallel) hold a shard per rank: the
-monitor warns, and its norms are those of rank 0's shard.
+Distributed: every rank computes, only global rank 0 logs (as Lightning's loggers do). The
+numbers are those of the whole model and the whole global batch, whatever the strategy and the
+world size: under FSDP2 (Lightning's ``ModelParallelStrategy`` with data-parallel
+``fully_shard``, ``DTensor`` parameters sharded on dim 0) each rank computes sums of squares,
+counts, minima and maxima on its local shards and one all-reduce per statistic kind (sum,
+max) per pass combines them; the weight quantization runs on each quantized layer's gathered
+weight (one all-gather per layer, as FSDP2's forward does), so per-tensor ``fp8_*`` scales are
+the whole tensor's; the activation sums are all-reduced over the ranks (DDP too), so they are
+of every rank's batch. Sums are taken in float64, so FSDP2 logs what DDP or one process logs
+for the same weights up to the float64 rounding of the summation order (``tests/
+test_fsdp_monitor.py``). FSDP1 (``FSDPStrategy``), DeepSpeed and XLA FSDP keep flat shards the
+monitor cannot tell apart from whole tensors: it warns, and logs rank 0's shard.
 """
 
 from __future__ import annotations
@@ -94,6 +104,7 @@ import lightning.fabric.strategies as fabric_strategies
 import lightning.pytorch as pl
 import lightning.pytorch.strategies as trainer_strategies
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.fabric import Fabric
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
@@ -108,6 +119,7 @@ from lightning_lowprec.formats import E8M0_MAX_EXP, E8M0_MIN_EXP, Format
 from lightning_lowprec.nn import QuantizedLinear
 from lightning_lowprec.optim.groups import is_multiplier
 from lightning_lowprec.optim.lmd import LMD
+from lightning_lowprec.optim.sharded import global_sums, local
 from lightning_lowprec.posterior import params_of
 from lightning_lowprec.quantize import Rounding, _exp2, quantize
 
@@ -116,18 +128,19 @@ __all__ = ["FabricNormMonitor", "NormMonitor"]
 HISTOGRAM_BINS = 64
 """Buckets per histogram (equal widths between the tensor's min and max)."""
 
-_SHARDED_STRATEGIES = (
+_FLAT_SHARDED_STRATEGIES = (
     fabric_strategies.FSDPStrategy,
     fabric_strategies.DeepSpeedStrategy,
-    fabric_strategies.ModelParallelStrategy,
     fabric_strategies.XLAFSDPStrategy,
     trainer_strategies.FSDPStrategy,
     trainer_strategies.DeepSpeedStrategy,
-    trainer_strategies.ModelParallelStrategy,
 )
+"""Strategies whose parameters are flat per-rank shards (not ``DTensor``s): not reduced."""
 _WEIGHT_SUFFIXES = (".parametrizations.weight.original", ".weight")
 _MULTIPLIER_INFIX = ".parametrizations.weight.0."
 _STATS = ("sqnr_db", "saturated_frac", "flushed_frac")
+_F64 = torch.float64
+_SUM, _MAX = dist.ReduceOp.SUM, dist.ReduceOp.MAX
 
 
 class _Histogram(NamedTuple):
@@ -140,6 +153,39 @@ class _Histogram(NamedTuple):
     sum_squares: float
     bucket_limits: list[float]
     bucket_counts: list[float]
+
+
+class _Reduction:
+    """Numbers computed on local shards, each reduced over the ranks its tensor is sharded over.
+
+    Why one object: every rank adds the same entries in the same order, and :meth:`reduce`
+    makes one all-reduce per op and mesh dimension for all of them, not one per tensor. An
+    entry whose tensor is not a ``DTensor`` (one device, DDP) keeps its value: no collective.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[Any, list[tuple[str, Tensor, Tensor]]] = {_SUM: [], _MAX: []}
+
+    def add(self, key: str, value: Tensor, owner: Tensor, op: Any = _SUM) -> None:
+        """Reduce ``value`` (any shape, computed on ``owner``'s local shard) with ``op``."""
+        self._entries[op].append((key, value.to(_F64), owner))
+
+    def reduce(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for op, entries in self._entries.items():
+            values: list[Tensor] = []
+            owners: list[Tensor] = []
+            for _, value, owner in entries:
+                values.extend(value.reshape(-1).unbind())
+                owners.extend([owner] * value.numel())
+            reduced = global_sums(values, owners, op) if values else []
+            start = 0
+            for key, value, _ in entries:
+                n = value.numel()
+                part = reduced[start:start + n]
+                out[key] = torch.stack(part).reshape(value.shape) if part else value
+                start += n
+        return out
 
 
 class _Recorder:
@@ -203,7 +249,7 @@ class _Recorder:
         self.armed = True
         if self.update_ratio:
             with torch.no_grad():
-                self._before = [(p, p.detach().clone()) for p, _ in self._matrices()]
+                self._before = [(p, local(p).detach().clone()) for p, _ in self._matrices()]
         for name, layer in self._quantized_layers():
             self._hooks.append(layer.register_forward_hook(self._activation_hook(name)))
 
@@ -223,9 +269,20 @@ class _Recorder:
         norms are over the parameters of every optimizer that stepped.
         """
         params = dict.fromkeys(params_of(optimizer))
+        groups = {
+            "norm/grad/global": [p.grad for p in params],
+            "norm/grad/global_clipped_params": [p.grad for p in clipped],
+        }
+        reduction = _Reduction()
+        for tag, grads in groups.items():
+            for i, g in enumerate(grads):
+                if g is not None:
+                    reduction.add(f"{tag}/{i}", _square_sum(local(g)), g)
+        squares = reduction.reduce()
         norms = {
-            "norm/grad/global": _global_norm(p.grad for p in params),
-            "norm/grad/global_clipped_params": _global_norm(p.grad for p in clipped),
+            tag: _root_of_sum([squares[f"{tag}/{i}"] for i in range(len(grads))
+                               if f"{tag}/{i}" in squares])
+            for tag, grads in groups.items()
         }
         if self.gradients is not None:
             norms = {key: torch.hypot(self.gradients[key], norm) for key, norm in norms.items()}
@@ -237,85 +294,142 @@ class _Recorder:
     ) -> tuple[dict[str, float], dict[str, _Histogram]]:
         """Every scalar (and histogram) of the step just taken; disarms."""
         names = self._names()
-        values: dict[str, Tensor] = {}
         trainable = [(p, name) for p, name in names.items() if p.requires_grad]
-        norms = [
-            (p, name, torch.linalg.vector_norm(p.detach(), dtype=torch.float32))
-            for p, name in trainable
-            if not is_multiplier(p)
+        medians = [
+            (p, m) for optimizer in optimizers if isinstance(optimizer, LMD)
+            for p, m in optimizer.log_medians() if p in names
         ]
-        for p, name, norm in norms:
-            if p.ndim >= 2:
-                values[f"norm/weight/{_layer_name(name)}"] = norm
-        if norms:
-            values["norm/weight/global"] = torch.linalg.vector_norm(
-                torch.stack([norm for _, _, norm in norms])
-            )
-        values.update(self.gradients or {})
+        hist = self._histogram_tensors(trainable) if self.histograms else {}
+        # Pass 1: sums, counts and extremes of the local shards; pass 2 what needs their totals.
+        first = _Reduction()
+        for p, name in trainable:
+            x = local(p).detach()
+            if is_multiplier(p):
+                tag = f"multiplier/{_multiplier_name(name)}"
+                first.add(f"{tag}/sum", x.sum(dtype=_F64), p)
+                _add_extremes(first, tag, x, p)
+            else:
+                first.add(f"square/{name}", _square_sum(x), p)
         for p, before in self._before:
             if p in names:
-                change = torch.linalg.vector_norm(p.detach().float() - before.float())
-                ratio = change / torch.linalg.vector_norm(before, dtype=torch.float32)
-                values[f"update_ratio/{_layer_name(names[p])}"] = ratio
+                change = local(p).detach().float() - before.float()
+                first.add(f"change/{names[p]}", _square_sum(change), p)
+                first.add(f"before/{names[p]}", _square_sum(before), p)
+        for p, m in medians:
+            self._median_sums(first, f"lmd/{_layer_name(names[p])}", p, m)
+        for tag, p in hist.items():
+            _add_extremes(first, tag, local(p).detach(), p)
+        totals = first.reduce()
+        second = _Reduction()
+        for p, m in medians:
+            tag = f"lmd/{_layer_name(names[p])}"
+            mean = (totals[f"{tag}/sum"] / (2 * m.pos.numel())).float()
+            spread = sum(_square_sum(local(s) - mean) for s in (m.pos, m.neg))
+            second.add(f"{tag}/spread", spread, m.pos)
+        for tag, p in hist.items():
+            _add_histogram_sums(second, tag, local(p).detach(), p, totals)
+        totals.update(second.reduce())
+
+        values: dict[str, Tensor] = {}
+        squares = []
+        for p, name in trainable:
+            if not is_multiplier(p):
+                squares.append(totals[f"square/{name}"])
+                if p.ndim >= 2:
+                    values[f"norm/weight/{_layer_name(name)}"] = totals[f"square/{name}"].sqrt()
+        if squares:
+            values["norm/weight/global"] = _root_of_sum(squares)
+        values.update(self.gradients or {})
+        for p, _ in self._before:
+            if p in names:
+                name = names[p]
+                ratio = (totals[f"change/{name}"] / totals[f"before/{name}"]).sqrt()
+                values[f"update_ratio/{_layer_name(name)}"] = ratio
         for p, name in trainable:
             if is_multiplier(p):
-                tag, data = f"multiplier/{_multiplier_name(name)}", p.detach().float()
-                low, high = torch.aminmax(data)
-                values.update({f"{tag}/mean": data.mean(), f"{tag}/min": low, f"{tag}/max": high})
-        for optimizer in optimizers:
-            if isinstance(optimizer, LMD):
-                values.update(self._median_statistics(optimizer, names))
-        for name, layer in self._quantized_layers():
-            values.update(self._quantization_statistics(name, layer))
-        histograms = self._histograms(trainable) if self.histograms else {}
+                tag = f"multiplier/{_multiplier_name(name)}"
+                values[f"{tag}/mean"] = totals[f"{tag}/sum"] / p.numel()
+                values[f"{tag}/min"] = -totals[f"{tag}/-min"]
+                values[f"{tag}/max"] = totals[f"{tag}/max"]
+        for p, m in medians:
+            values.update(self._median_statistics(f"lmd/{_layer_name(names[p])}", p, m, totals))
+        values.update(self._quantization_statistics())
+        histograms = {tag: _histogram(tag, p.numel(), totals) for tag, p in hist.items()}
         self.disarm()
         return _to_host(values), histograms
 
     # -- the statistics ---------------------------------------------------------------------
 
-    def _median_statistics(self, optimizer: LMD, names: Mapping[Tensor, str]) -> dict[str, Tensor]:
-        values = {}
-        for p, medians in optimizer.log_medians():
-            if p not in names:
-                continue
-            tag = f"lmd/{_layer_name(names[p])}"
-            both = (medians.pos, medians.neg)
-            count = 2 * medians.pos.numel()
-            # Two passes, no copy of the state: mean, then the spread around it.
-            mean = sum(m.sum() for m in both) / count
-            spread = torch.stack([torch.linalg.vector_norm(m - mean) for m in both])
-            values[f"{tag}/logm_mean"] = mean - medians.log_m_ref
-            values[f"{tag}/logm_std"] = torch.linalg.vector_norm(spread) / math.sqrt(count)
-            if math.isfinite(medians.low):
-                center = (medians.low + medians.high) / 2.0
-                reach = (1.0 - self.bound_margin) * (medians.high - medians.low) / 2.0
-                pinned = sum(((m - center).abs_() >= reach).count_nonzero() for m in both)
-                at_bound = pinned / count
-            else:
-                at_bound = mean.new_zeros(())
-            values[f"{tag}/at_bound_frac"] = at_bound
-            signs = _packed_signs(p)
-            previous = self._signs.get(p)
-            if previous is not None and previous.shape == signs.shape:
-                values[f"{tag}/sign_flip_frac"] = _popcount(previous ^ signs) / p.numel()
-            self._signs[p] = signs
+    def _median_sums(self, reduction: _Reduction, tag: str, p: Tensor, medians: Any) -> None:
+        """Pass 1 of the LMD statistics: the sum of the log-medians, the count at the bounds,
+        the sign flips since the previous log (on the local shards)."""
+        both = (local(medians.pos), local(medians.neg))
+        reduction.add(f"{tag}/sum", sum(m.sum(dtype=_F64) for m in both), medians.pos)
+        if math.isfinite(medians.low):
+            center = (medians.low + medians.high) / 2.0
+            reach = (1.0 - self.bound_margin) * (medians.high - medians.low) / 2.0
+            pinned = sum(((m - center).abs_() >= reach).count_nonzero() for m in both)
+            reduction.add(f"{tag}/pinned", pinned, medians.pos)
+        signs = _packed_signs(local(p))
+        previous = self._signs.get(p)
+        if previous is not None and previous.shape == signs.shape:
+            reduction.add(f"{tag}/flips", _popcount(previous ^ signs), p)
+        self._signs[p] = signs
+
+    @staticmethod
+    def _median_statistics(
+        tag: str, p: Tensor, medians: Any, totals: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        count = 2 * medians.pos.numel()
+        mean = totals[f"{tag}/sum"] / count
+        values = {
+            f"{tag}/logm_mean": mean - medians.log_m_ref,
+            f"{tag}/logm_std": (totals[f"{tag}/spread"] / count).sqrt(),
+            f"{tag}/at_bound_frac": totals.get(f"{tag}/pinned", mean.new_zeros(())) / count,
+        }
+        if f"{tag}/flips" in totals:
+            values[f"{tag}/sign_flip_frac"] = totals[f"{tag}/flips"] / p.numel()
         return values
 
-    def _quantization_statistics(self, name: str, layer: QuantizedLinear) -> dict[str, Tensor]:
-        dtype = self._operand_dtypes.get(name)
-        weight = layer.weight.detach()
-        weight = weight if dtype is None else weight.to(dtype)
-        generator = self._generator(weight.device)
-        sums = _quantization_sums(weight, layer.w_fmt, layer.rounding, generator)
-        operands = {"weight": (sums, weight.numel())}
-        if name in self._activations:
-            operands["act"] = self._activations[name]
+    def _quantization_statistics(self) -> dict[str, Tensor]:
+        """SQNR, saturation and flushing of every quantized layer's weight and input.
+
+        The weight's on the whole (gathered) weight, identically on every rank; the
+        activations' sums all-reduced over the ranks (one collective for all layers).
+        """
+        layers = list(self._quantized_layers())
+        operands: dict[str, dict[str, Tensor]] = {}
+        for name, layer in layers:
+            dtype = self._operand_dtypes.get(name)
+            weight = _full(layer.weight.detach())
+            weight = weight if dtype is None else weight.to(dtype)
+            generator = self._generator(weight.device)
+            sums = _quantization_sums(weight, layer.w_fmt, layer.rounding, generator).to(_F64)
+            elements = sums.new_full((1,), weight.numel())
+            operands[name] = {"weight": torch.cat([sums, elements])}
+        if self._activations:
+            # Every layer a row (zeros where this rank saw no input), so all ranks reduce alike.
+            rows = []
+            for name, layer in layers:
+                sums, elements = self._activations.get(name, (None, 0))
+                row = torch.zeros(5, dtype=_F64, device=layer.weight.device)
+                if sums is not None:
+                    row[:4], row[4] = sums, elements
+                rows.append(row)
+            activations = torch.stack(rows)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(activations)
+            for (name, _), row in zip(layers, activations, strict=True):
+                if row[4] > 0:
+                    operands[name]["act"] = row
         values = {}
-        for operand, (sums, elements) in operands.items():
-            signal, noise, saturated, flushed = sums.unbind()
-            stats = (10.0 * torch.log10(signal / noise), saturated / elements, flushed / elements)
-            for stat, value in zip(_STATS, stats, strict=True):
-                values[f"quant/{name}/{operand}_{stat}"] = value
+        for name, by_operand in operands.items():
+            for operand, row in by_operand.items():
+                signal, noise, saturated, flushed, elements = row.unbind()
+                stats = (10.0 * torch.log10(signal / noise), saturated / elements,
+                         flushed / elements)
+                for stat, value in zip(_STATS, stats, strict=True):
+                    values[f"quant/{name}/{operand}_{stat}"] = value
         return values
 
     def _activation_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
@@ -338,14 +452,15 @@ class _Recorder:
 
         return hook
 
-    def _histograms(self, trainable: list[tuple[Tensor, str]]) -> dict[str, _Histogram]:
+    @staticmethod
+    def _histogram_tensors(trainable: list[tuple[Tensor, str]]) -> dict[str, Tensor]:
         tensors = {}
         for p, name in trainable:
             if is_multiplier(p):
-                tensors[f"hist/multiplier/{_multiplier_name(name)}"] = p.detach()
+                tensors[f"hist/multiplier/{_multiplier_name(name)}"] = p
             elif p.ndim >= 2:
-                tensors[f"hist/weight/{_layer_name(name)}"] = p.detach()
-        return {tag: _histogram(x) for tag, x in tensors.items()}
+                tensors[f"hist/weight/{_layer_name(name)}"] = p
+        return tensors
 
     # -- what is watched --------------------------------------------------------------------
 
@@ -416,7 +531,7 @@ class NormMonitor(Callback):
             raise MisconfigurationException(
                 "NormMonitor needs a logger to write to; the Trainer has none (logger=False)."
             )
-        _warn_if_sharded(trainer.strategy)
+        _warn_if_flat_sharded(trainer.strategy)
         self._recorder.watch(pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -440,9 +555,10 @@ class NormMonitor(Callback):
         step = _stepping_batches(trainer, this_one=True)
         if self._recorder.armed and step >= self._armed_step:
             scalars, histograms = self._recorder.collect(trainer.optimizers)
-            for logger in trainer.loggers:
-                logger.log_metrics(scalars, step=step)
-            _write_histograms(trainer.loggers, histograms, step)
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(scalars, step=step)
+                _write_histograms(trainer.loggers, histograms, step)
         if not self._recorder.armed:
             self._arm_if_next_logs(trainer, step)
 
@@ -455,7 +571,7 @@ class NormMonitor(Callback):
         self._recorder.disarm()
 
     def _arm_if_next_logs(self, trainer: pl.Trainer, step: int) -> None:
-        if trainer.is_global_zero and self._recorder.logs_at(step + 1):
+        if self._recorder.logs_at(step + 1):
             self._recorder.arm()
             self._armed_step = step + 1
 
@@ -508,14 +624,12 @@ class FabricNormMonitor:
 
     def on_after_setup(self, fabric: Fabric, module: nn.Module) -> None:
         self._saw_setup = True
-        if not fabric.is_global_zero:
-            return
         if not fabric.loggers:
             self._warn_once("FabricNormMonitor found no logger on this Fabric; it logs nothing.")
             return
         if self._fabric is None:
             self._fabric = fabric
-            _warn_if_sharded(fabric.strategy)
+            _warn_if_flat_sharded(fabric.strategy)
             precision = fabric.strategy.precision
             precision.unscale_gradients = _GradientsBeforeClipping(
                 precision.unscale_gradients, self._before_clipping
@@ -539,8 +653,9 @@ class FabricNormMonitor:
                 clipped = strategy.precision.main_params(optimizer)
                 self._recorder.record_gradients(optimizer, clipped)
             scalars, histograms = self._recorder.collect([optimizer])
-            self._fabric.log_dict(scalars, step=self.log_step(self._step))
-            _write_histograms(self._fabric.loggers, histograms, self.log_step(self._step))
+            if self._fabric.is_global_zero:
+                self._fabric.log_dict(scalars, step=self.log_step(self._step))
+                _write_histograms(self._fabric.loggers, histograms, self.log_step(self._step))
         if self._recorder.logs_at(self._step + 1):
             self._recorder.arm()
 
@@ -641,30 +756,59 @@ def _popcount(packed: Tensor) -> Tensor:
     return ((packed.unsqueeze(1) >> _BIT_SHIFTS.to(packed.device)) & 1).sum()
 
 
-def _global_norm(tensors: Iterable[Tensor | None]) -> Tensor:
-    """L2 norm over all given tensors together (``None`` skipped), in fp32."""
-    norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors if t is not None]
-    if not norms:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(norms))
+def _square_sum(x: Tensor) -> Tensor:
+    """``Σx²`` of ``x`` in float64 (squares in fp32): summed in any order, shards or whole,
+    the result agrees to ~1e-16 relative."""
+    return x.float().square().sum(dtype=_F64)
 
 
-def _histogram(x: Tensor) -> _Histogram:
-    """``x``'s histogram in :data:`HISTOGRAM_BINS` equal buckets, binned on ``x``'s device."""
+def _root_of_sum(squares: list[Tensor]) -> Tensor:
+    """``sqrt(Σ squares)``; 0 for none."""
+    return torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=_F64)
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor: a ``DTensor`` all-gathered (a collective), anything else as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _add_extremes(reduction: _Reduction, tag: str, x: Tensor, owner: Tensor) -> None:
+    """``{tag}/max`` and ``{tag}/-min`` (the max of ``-x``) of ``x``; an empty shard adds
+    ``-inf``, which leaves the other ranks' extremes."""
+    if x.numel() == 0:
+        low, high = x.new_full((), math.inf, dtype=_F64), x.new_full((), -math.inf, dtype=_F64)
+    else:
+        low, high = torch.aminmax(x.float())
+    reduction.add(f"{tag}/max", high, owner, _MAX)
+    reduction.add(f"{tag}/-min", -low, owner, _MAX)
+
+
+def _add_histogram_sums(
+    reduction: _Reduction, tag: str, x: Tensor, owner: Tensor, totals: Mapping[str, Tensor]
+) -> None:
+    """The bucket counts, ``Σx`` and ``Σx²`` of ``x`` in :data:`HISTOGRAM_BINS` equal buckets
+    between the whole tensor's min and max (``totals``), binned on ``x``'s device."""
     x = x.flatten().float()
-    low, high = torch.aminmax(x)
+    low, high = -totals[f"{tag}/-min"].float(), totals[f"{tag}/max"].float()
     width = (high - low) / HISTOGRAM_BINS
     index = ((x - low) / width.clamp_min(torch.finfo(torch.float32).tiny)).long()
     counts = torch.bincount(index.clamp_(0, HISTOGRAM_BINS - 1), minlength=HISTOGRAM_BINS)
-    summary = torch.stack([low, high, x.sum(), x.square().sum()]).tolist()
-    low_, high_, total, squares = summary
-    if high_ == low_:
-        limits, bucket_counts = [high_], [float(x.numel())]
+    reduction.add(f"{tag}/counts", counts, owner)
+    reduction.add(f"{tag}/sum", x.sum(dtype=_F64), owner)
+    reduction.add(f"{tag}/squares", _square_sum(x), owner)
+
+
+def _histogram(tag: str, numel: int, totals: Mapping[str, Tensor]) -> _Histogram:
+    """The reduced sums of ``tag`` as ``add_histogram_raw``'s arguments, on the host."""
+    low, high = -totals[f"{tag}/-min"].float().item(), totals[f"{tag}/max"].float().item()
+    total, squares = totals[f"{tag}/sum"].item(), totals[f"{tag}/squares"].item()
+    if high == low:
+        limits, bucket_counts = [high], [float(numel)]
     else:
-        step = (high_ - low_) / HISTOGRAM_BINS
-        limits = [low_ + step * (i + 1) for i in range(HISTOGRAM_BINS)]
-        bucket_counts = counts.float().tolist()
-    return _Histogram(low_, high_, x.numel(), total, squares, limits, bucket_counts)
+        step = (high - low) / HISTOGRAM_BINS
+        limits = [low + step * (i + 1) for i in range(HISTOGRAM_BINS)]
+        bucket_counts = totals[f"{tag}/counts"].tolist()
+    return _Histogram(low, high, numel, total, squares, limits, bucket_counts)
 
 
 def _write_histograms(
@@ -691,7 +835,7 @@ def _to_host(values: Mapping[str, Tensor]) -> dict[str, float]:
         by_device.setdefault(value.device, []).append(name)
     floats = {}
     for names in by_device.values():
-        stacked = torch.stack([values[name].float() for name in names]).tolist()
+        stacked = torch.stack([values[name].to(_F64) for name in names]).tolist()
         floats.update(zip(names, stacked, strict=True))
     return {name: floats[name] for name in values}
 
@@ -712,9 +856,10 @@ def _multiplier_name(name: str) -> str:
     return name
 
 
-def _warn_if_sharded(strategy: Any) -> None:
-    if isinstance(strategy, _SHARDED_STRATEGIES):
+def _warn_if_flat_sharded(strategy: Any) -> None:
+    if isinstance(strategy, _FLAT_SHARDED_STRATEGIES):
         rank_zero_warn(
-            f"NormMonitor reads rank 0's parameters; under {type(strategy).__name__} these are a "
-            "shard, so its norms and statistics are those of rank 0's shard."
+            f"NormMonitor reduces over FSDP2 (ModelParallelStrategy) DTensor shards only; under "
+            f"{type(strategy).__name__} the parameters are flat shards, so its norms and "
+            "statistics are those of rank 0's shard."
         )
