@@ -124,3 +124,55 @@ def test_ddp_trains_the_same_weights(fsdp2, default, tmp_path):
     a, b = weights(sharded / "final" / "lit_model.pth"), weights(out / "final" / "lit_model.pth")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=DDP_TOLERANCE, msg=key)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_on_rank(rank: int, port: int, checkpoint: str) -> None:
+    """The runner's ``load_checkpoint`` under FSDP2 puts every base tensor into the shards
+    exactly: into ``litgpt.GPT`` (strict) and into litgpt's LoRA GPT, whose ``.linear.weight``
+    takes the checkpoint's ``.weight`` (litgpt's own FSDP2 branch renames every key so, which
+    fails for the plain GPT of ``finetune_full``)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      GROUP_RANK="0", TORCHELASTIC_RUN_ID="test")
+    torch.set_num_threads(1)
+    import lightning as L
+    import litgpt
+    import litgpt.lora
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    from lightning_lowprec import LowPrecision
+    from lightning_lowprec.litgpt.runner import distributed_strategy, load_checkpoint
+
+    strategy = distributed_strategy("fsdp2", 2)
+    assert isinstance(strategy, ModelParallelStrategy)
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=strategy,
+                      plugins=[LowPrecision("mxfp6_e2m3")])
+    fabric.launch()
+    path = Path(checkpoint)
+    base = torch.load(path / "lit_model.pth")
+    lora = {"lora_r": 4, "lora_alpha": 8, "lora_query": True, "lora_value": True,
+            "lora_head": True}
+    for gpt, config, extra, strict in ((litgpt.GPT, litgpt.Config, {}, True),
+                                       (litgpt.lora.GPT, litgpt.lora.Config, lora, False)):
+        module = gpt(config.from_file(path / "model_config.yaml", **extra))
+        model = fabric.setup_module(module)
+        load_checkpoint(fabric, model, path / "lit_model.pth", strict=strict)
+        loaded = {k: v.full_tensor() for k, v in module.state_dict().items()}
+        for key, value in base.items():
+            prefix, _, name = key.rpartition(".")
+            target = key if key in loaded else f"{prefix}.linear.{name}"
+            assert torch.equal(loaded[target], value), (gpt.__module__, key)
+
+
+def test_the_base_checkpoint_loads_into_the_shards_exactly(default):
+    import torch.multiprocessing as mp
+
+    mp.spawn(load_on_rank, args=(free_port(), str(default["checkpoint"])), nprocs=2, join=True)
