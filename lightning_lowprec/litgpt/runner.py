@@ -599,13 +599,24 @@ def _litgpt_instantiate(optimizer: Any, model_parameters: Any, **kwargs: Any):
 
 
 class _ProgressBar:
-    """Fabric callback: a tqdm bar over the optimizer steps (rank 0); prints go above it."""
+    """Fabric callback: a tqdm bar over the optimizer steps (rank 0); prints go above it.
 
-    def __init__(self, total: int | None) -> None:
+    The bar is made at its first use, when the process knows its rank (not yet when litgpt
+    builds the Fabric): the other ranks' bars are disabled.
+    """
+
+    def __init__(self, total: int | None, fabric: L.Fabric) -> None:
         from tqdm.auto import tqdm
 
-        self._tqdm = tqdm
-        self._bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=True)
+        self._tqdm, self._total, self._fabric = tqdm, total, fabric
+        self._made: Any = None
+
+    @property
+    def _bar(self) -> Any:
+        if self._made is None:
+            self._made = self._tqdm(total=self._total, unit="step", dynamic_ncols=True,
+                                    leave=True, disable=self._fabric.global_rank != 0)
+        return self._made
 
     def on_after_optimizer_step(self, strategy: Any, optimizer: Any) -> None:
         self._bar.update(1)
@@ -619,7 +630,8 @@ class _ProgressBar:
         self._tqdm.write(text, file=sys.stdout)
 
     def close(self) -> None:
-        self._bar.close()
+        if self._made is not None:
+            self._made.close()
 
 
 class _RecipeNormMonitor(FabricNormMonitor):
@@ -694,7 +706,7 @@ class RecipeFabric(L.Fabric):
             ours.append(self._monitor)
         self._progress = None
         if options.progress_bar:
-            self._progress = _ProgressBar(_total_steps(run.config))
+            self._progress = _ProgressBar(_total_steps(run.config), self)
             ours.append(self._progress)
         super().__init__(plugins=[plugin], callbacks=[*(callbacks or []), *ours],
                          strategy=strategy, accelerator=options.accelerator, **kwargs)
