@@ -101,8 +101,6 @@ OPTIONS_FILE = "lowprec.yaml"
 RUN_STATE_KEY = "lowprec_run"
 """Key of the run's counters (steps, tokens, seconds, sessions) in litgpt's resumable state."""
 CONFIG_ERROR_STATUS = 2
-STRATEGY_NAMES = {"fsdp2": "ModelParallelStrategy", "ddp": "DDPStrategy"}
-"""The Lightning strategy class each ``lowprec.strategy`` runs on (several devices)."""
 _FROM_CONSOLE = False
 """Whether this process runs :func:`main` (Lightning's launcher re-runs its command line)."""
 _USAGE = (
