@@ -33,7 +33,7 @@ global gradient norm's sum (per shard then over ranks, or over the whole tensor)
 clipping factor differs in its last bits (measured: at most 1.2e-7, one ulp of a norm's
 weight). A different sample, batch or update would differ by ~lr = 3e-3."""
 
-pytestmark = pytest.mark.slow  # each run: two processes start, import litgpt and train ~1 min
+pytestmark = pytest.mark.slow  # each run: two processes start, import litgpt, train: 15-60 s
 
 
 @pytest.fixture(scope="module")
