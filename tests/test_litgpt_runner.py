@@ -311,7 +311,7 @@ def test_patched_names_are_restored_after_an_error():
     before = {name: getattr(module, name) for name in ("L", "torch", "save_hyperparameters")}
     with pytest.raises(KeyError), patch.patched(
         "pretrain", fabric=object, instantiate_optimizer=object, save_hyperparameters=object,
-        compile_model=False,
+        compile_model=False, load_checkpoint=object,
     ) as patched_module:
         assert patched_module.torch.compile("model") == "model"
         assert patched_module.torch.nn is torch.nn
@@ -350,7 +350,10 @@ BAD_INPUT = [
     ("finetune_full", ["--lowprec.backend", "fp8"],
      r"Invalid lowprec.backend: 'fp8'. Valid values: 'auto', 'emulated', 'scaled_mm'"),
     ("finetune_full", ["--precision", "16-true"], r"--precision '16-true' is not supported"),
-    ("finetune_full", ["--devices", "2"], "runs on one device"),
+    ("finetune_full", ["--devices", "2"], "re-running this process's command line"),
+    ("finetune_full", ["--lowprec.strategy", "fsdp1"],
+     r"Invalid lowprec.strategy: 'fsdp1'. Valid values: 'fsdp2', 'ddp'"),
+    ("finetune_full", ["--accelerator", "tpu"], r"Invalid lowprec.accelerator: 'tpu'. Valid"),
     ("finetune_lora", ["--lowprec.multipliers", "paper"], "does not combine with finetune_lora"),
     ("pretrain", ["--lowprec.max_norm", "1.0"], "pretrain clips gradients itself"),
     ("finetune_full", ["--lowprec", "{}"], "--lowprec.KEY VALUE"),
@@ -389,11 +392,35 @@ def test_bad_input_fails_before_training_with_the_valid_choices(command, extra, 
 
 def test_devices_auto_is_resolved_as_litgpt_does(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(ConfigError, match=r"--devices 'auto' \(here: 2 GPUs\).*--devices 1"):
+    with pytest.raises(ConfigError, match=r"--devices 'auto' --num_nodes 1 \(2 processes\)"):
         run("pretrain", ["pythia-14m", "--devices", "auto", "--out_dir", str(tmp_path)])
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # CPU: auto is one device
     with pytest.raises(ConfigError, match="pretrain clips gradients itself"):
         run("pretrain", ["pythia-14m", "--devices", "auto", "--lowprec.max_norm", "1"])
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--lowprec.multipliers", "paper"],
+     "lowprec.multipliers 'paper' with lowprec.strategy fsdp2 .* Use --lowprec.strategy ddp"),
+    (["--train.global_batch_size", "8", "--train.micro_batch_size", "8"],
+     "global_batch_size 8 over 2 devices is 4 per device, less than --train.micro_batch_size 8"
+     ".* Set --train.micro_batch_size 4 or --train.global_batch_size 16"),
+])
+def test_multi_device_combinations_fail_before_any_process_starts(extra, message, monkeypatch,
+                                                                   tmp_path):
+    from lightning_lowprec.litgpt import runner
+
+    monkeypatch.setattr(runner, "_FROM_CONSOLE", True)  # as under lowprec-litgpt
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=message):
+        run("finetune_full", ["some/checkpoint", "--devices", "2", "--out_dir", str(out), *extra])
+    assert not out.exists()
+
+
+def test_accelerator_is_the_sections_key(tmp_path):
+    """litgpt has no --accelerator: the runner takes it as lowprec.accelerator."""
+    litgpt_args, section = split_args(["ckpt", "--accelerator", "cpu", "--devices", "2"], tmp_path)
+    assert litgpt_args == ["ckpt", "--devices", "2"] and section == {"accelerator": "cpu"}
 
 
 def test_litgpts_16_mixed_default_is_a_clear_error(monkeypatch):

@@ -12,6 +12,7 @@ A recipe is a LitGPT YAML file plus one extra top-level key::
       multipliers: paper              # learnable multipliers placement; null: none
       max_norm: 1.0                   # clip gradients (multipliers left out); fine-tuning too
       monitor: {every_n_steps: 10}    # NormMonitor settings; null: off
+      strategy: fsdp2                 # with --devices N > 1: fsdp2 or ddp
 
 On the command line every key can be overridden as ``--lowprec.KEY VALUE``, nested keys too
 (``--lowprec.optimizer.init_args.lr 0.01``). Files and values are read as jsonargparse reads
@@ -54,6 +55,10 @@ GROUP_KEYS: tuple[str, ...] = (
 """Keys of ``param_groups`` (passed to :func:`lightning_lowprec.optim.param_groups`)."""
 MONITOR_KEYS: tuple[str, ...] = ("every_n_steps", "histograms", "update_ratio", "bound_margin")
 """Keys of ``monitor`` (the arguments of :class:`~lightning_lowprec.callbacks.NormMonitor`)."""
+STRATEGIES: tuple[str, ...] = ("fsdp2", "ddp")
+"""Values of ``strategy``: how a run on several devices is distributed."""
+ACCELERATORS: tuple[str, ...] = ("auto", "cpu", "cuda", "gpu", "mps")
+"""Values of ``accelerator`` (Lightning's names)."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,15 @@ class LowPrecOptions:
             (on CPU compiling a GPT takes minutes, longer than the runs it would speed up),
             ``True`` or ``False``.
         progress_bar: show a progress bar of the optimizer steps.
+        strategy: how a run on several devices (``--devices N``, ``--num_nodes``) is
+            distributed (:data:`STRATEGIES`): ``"fsdp2"`` shards parameters, gradients and
+            optimizer state over the devices (Lightning's ``ModelParallelStrategy`` with one
+            ``fully_shard`` per transformer block, see :mod:`lightning_lowprec.fsdp`), in place
+            of litgpt's ``FSDPStrategy`` (FSDP1, which takes no other precision plugin);
+            ``"ddp"`` replicates them. Unused on one device.
+        accelerator: the device type (:data:`ACCELERATORS`; ``--accelerator`` on the command
+            line is the same key). litgpt has no such argument and always lets Lightning
+            choose (``"auto"``); ``"cpu"`` runs ``--devices N`` as N CPU processes (gloo).
     """
 
     fmt: str | dict[str, str | None] | None = None
@@ -110,6 +124,8 @@ class LowPrecOptions:
     monitor: dict[str, Any] | None = field(default_factory=dict)
     compile: bool | str = "auto"
     progress_bar: bool = True
+    strategy: str = "fsdp2"
+    accelerator: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.fmt, Mapping):
@@ -122,6 +138,10 @@ class LowPrecOptions:
             raise ValueError(_choices("backend", self.backend, BACKENDS))
         if self.multipliers is not None and self.multipliers not in PLACEMENTS:
             raise ValueError(_choices("multipliers", self.multipliers, [None, *PLACEMENTS]))
+        if self.strategy not in STRATEGIES:
+            raise ValueError(_choices("strategy", self.strategy, STRATEGIES))
+        if self.accelerator not in ACCELERATORS:
+            raise ValueError(_choices("accelerator", self.accelerator, ACCELERATORS))
         if self.compile not in (True, False, "auto"):
             raise ValueError(_choices("compile", self.compile, ["auto", True, False]))
         for name in ("quantize_backward", "sample", "progress_bar"):

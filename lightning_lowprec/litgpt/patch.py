@@ -11,6 +11,9 @@ afterwards, also after an exception):
 * ``save_hyperparameters`` — litgpt's re-parses ``sys.argv``, which is wrong whenever litgpt's
   CLI is not the process's entry point; ours saves the configuration the run was parsed from.
 * ``torch`` (``pretrain`` only) — its ``compile`` may be switched off (``lowprec.compile``).
+* ``load_checkpoint`` (``finetune_*``) — litgpt's FSDP2 branch renames every key as for a
+  LoRA model (``.weight`` -> ``.linear.weight``), so a full fine-tune on several devices could
+  not load its base checkpoint; ours loads the full state dict into the shards.
 
 :func:`check_litgpt` verifies the installed litgpt against :data:`SUPPORTED_LITGPT` and that the
 recipe modules still have these names and call them; the test suite runs it, so a litgpt
@@ -48,6 +51,7 @@ _CALLS = {
     "instantiate_torch_optimizer": "instantiate_torch_optimizer(",
     "save_hyperparameters": "save_hyperparameters(setup,",
     "torch": "torch.compile(model)",
+    "load_checkpoint": "load_checkpoint(fabric,",
 }
 """What each replaced name must still be used for in the recipe's source (see check_litgpt)."""
 
@@ -97,6 +101,7 @@ def patched(
     instantiate_optimizer: Callable[..., torch.optim.Optimizer],
     save_hyperparameters: Callable[..., None],
     compile_model: bool,
+    load_checkpoint: Callable[..., None],
 ) -> Iterator[types.ModuleType]:
     """Replace the recipe module's names for the duration of the block; yield the module.
 
@@ -107,6 +112,8 @@ def patched(
             with the same arguments ``(optimizer, model_parameters, **kwargs)``.
         save_hyperparameters: called instead of litgpt's ``(function, checkpoint_dir)``.
         compile_model: ``pretrain`` only: whether ``torch.compile(model)`` compiles.
+        load_checkpoint: ``finetune_*`` only: called instead of litgpt's
+            ``load_checkpoint(fabric, model, checkpoint_path, strict=...)``.
     """
     check_litgpt(command)
     module = recipe_module(command)
@@ -117,6 +124,8 @@ def patched(
     }
     if "torch" in _replaced_names(command) and not compile_model:
         replacements["torch"] = _Module(torch, compile=_no_compile)
+    if "load_checkpoint" in _replaced_names(command):
+        replacements["load_checkpoint"] = load_checkpoint
     originals = {name: getattr(module, name) for name in replacements}
     try:
         for name, value in replacements.items():
@@ -129,7 +138,7 @@ def patched(
 
 def _replaced_names(command: str) -> tuple[str, ...]:
     common = ("L", "instantiate_torch_optimizer", "save_hyperparameters")
-    return (*common, "torch") if command == "pretrain" else common
+    return (*common, "torch") if command == "pretrain" else (*common, "load_checkpoint")
 
 
 def _no_compile(model: Any, *args: Any, **kwargs: Any) -> Any:

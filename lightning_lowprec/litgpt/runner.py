@@ -35,12 +35,24 @@ litgpt's ``hyperparameters.yaml``; a ``--resume`` compares it with the current s
 also hold the run's counters under :data:`RUN_STATE_KEY`, so that after a resume the monitor's
 TensorBoard steps, the progress bar and ``lowprec_summary.json`` (steps, training tokens, wall
 time, tokens/s over all sessions) continue where the run stopped.
+
+On several devices (``--devices N``, ``--num_nodes``) litgpt would build ``FSDPStrategy``
+(FSDP1), which accepts no precision plugin but its own; the runner's Fabric uses FSDP2 instead
+(``lowprec.strategy: fsdp2``, the default: Lightning's ``ModelParallelStrategy`` with
+:func:`~lightning_lowprec.fsdp.fully_shard_blocks`, data parallel over all devices) or DDP
+(``lowprec.strategy: ddp``). Under FSDP2 every checkpoint is one *full* file (Lightning's
+``save_distributed_checkpoint=False``: rank 0 writes the gathered weights and optimizer state),
+so ``litgpt generate`` loads the outputs and ``--resume`` reads them on any number of devices.
+Lightning starts the extra processes by re-running this process's command line, so a
+multi-device run starts from ``lowprec-litgpt`` / ``python -m lightning_lowprec.litgpt``, or
+under ``torchrun``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 import tempfile
@@ -60,6 +72,7 @@ import yaml
 from torch import nn
 
 from lightning_lowprec.callbacks import FabricMergeMultipliers, FabricNormMonitor
+from lightning_lowprec.fsdp import fully_shard_blocks
 from lightning_lowprec.litgpt.options import (
     SECTION,
     LowPrecOptions,
@@ -88,6 +101,8 @@ OPTIONS_FILE = "lowprec.yaml"
 RUN_STATE_KEY = "lowprec_run"
 """Key of the run's counters (steps, tokens, seconds, sessions) in litgpt's resumable state."""
 CONFIG_ERROR_STATUS = 2
+_FROM_CONSOLE = False
+"""Whether this process runs :func:`main` (Lightning's launcher re-runs its command line)."""
 _USAGE = (
     "usage: lowprec-litgpt {finetune_full,finetune_lora,pretrain} [litgpt arguments] "
     "[--config RECIPE] [--lowprec.KEY VALUE ...]\n"
@@ -107,6 +122,8 @@ class ConfigError(ValueError):
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point of ``lowprec-litgpt``: a configuration error prints its message
     and exits with status 2 (no traceback)."""
+    global _FROM_CONSOLE
+    _FROM_CONSOLE = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_USAGE)
@@ -196,13 +213,14 @@ def lowprec_help() -> str:
     """The lowprec section's keys, as plain text (the options' docstring without markup, the
     named constants spelled out)."""
     from lightning_lowprec.formats import FORMATS
-    from lightning_lowprec.litgpt.options import GROUP_KEYS, MONITOR_KEYS
+    from lightning_lowprec.litgpt.options import ACCELERATORS, GROUP_KEYS, MONITOR_KEYS, STRATEGIES
     from lightning_lowprec.multipliers import PLACEMENTS
 
     doc = LowPrecOptions.__doc__ or ""
     text = _plain(textwrap.dedent(doc[doc.index("Attributes:") + len("Attributes:"):]))
     for name, values in (("FORMATS", FORMATS), ("PLACEMENTS", PLACEMENTS),
-                         ("GROUP_KEYS", GROUP_KEYS), ("MONITOR_KEYS", MONITOR_KEYS)):
+                         ("GROUP_KEYS", GROUP_KEYS), ("MONITOR_KEYS", MONITOR_KEYS),
+                         ("STRATEGIES", STRATEGIES), ("ACCELERATORS", ACCELERATORS)):
         text = re.sub(rf"\b{name}\b", ", ".join(values), text)
     return "The lowprec section (--lowprec.KEY VALUE, nested keys too):\n" + text.rstrip()
 
@@ -240,7 +258,7 @@ def split_args(args: Sequence[str], tmp: Path) -> tuple[list[str], dict[str, Any
     without it; ``--lowprec.KEY VALUE`` / ``--lowprec.KEY=VALUE`` are removed (values parsed as
     jsonargparse parses litgpt's; dotted keys reach into nested mappings) and override the
     files' sections, which merge in order (:func:`~lightning_lowprec.litgpt.options.
-    merge_section`).
+    merge_section`). ``--accelerator VALUE`` (which litgpt lacks) is ``--lowprec.accelerator``.
 
     The config files move to the front of litgpt's arguments: jsonargparse applies arguments in
     order, so ``lowprec-litgpt finetune_full MY_CHECKPOINT --config recipe.yaml`` would
@@ -260,6 +278,8 @@ def split_args(args: Sequence[str], tmp: Path) -> tuple[list[str], dict[str, Any
         arg = args[i]
         name, eq, inline = arg.partition("=")
         takes_value = not eq
+        if name == "--accelerator":
+            name = f"--{SECTION}.accelerator"
         if name == "--config" or name.startswith(f"--{SECTION}."):
             if takes_value and i + 1 >= len(args):
                 raise ValueError(f"{name} needs a value.")
@@ -357,16 +377,8 @@ class _Run:
                 f"--precision {precision!r} is not supported by lowprec-litgpt. Valid values: "
                 f"{', '.join(PRECISIONS)} (use lowprec.fmt for lower-precision matmuls)."
             )
-        devices, nodes = config.get("devices", 1), config.get("num_nodes", 1)
-        count = utils.parse_devices(devices)
-        if count != 1 or nodes != 1:
-            found = f" (here: {count} GPUs)" if devices in ("auto", -1) else ""
-            raise ValueError(
-                f"lowprec-litgpt runs on one device: got --devices {devices!r}{found}, "
-                f"--num_nodes {nodes!r}. Pass --devices 1 (litgpt switches to FSDP on more, "
-                "which accepts only its own precision plugins; multi-device runs are not "
-                "supported yet)."
-            )
+        if _world_size(config) > 1:
+            self._check_distributed()
         train = config.get("train")
         total = _total_steps(config)
         warmup = train.get("lr_warmup_steps") if train is not None else None
@@ -381,6 +393,37 @@ class _Run:
                 "optimizer steps: litgpt's cosine schedule decays over the steps after the "
                 "warm-up (and divides by their number). Lower --train.lr_warmup_steps."
             )
+
+    def _check_distributed(self) -> None:
+        """What a run on several devices needs, checked before any process starts."""
+        options, config = self.options, self.config
+        world = _world_size(config)
+        where = f"--devices {config.get('devices')!r} --num_nodes {config.get('num_nodes', 1)!r}"
+        if not (_FROM_CONSOLE or "LOCAL_RANK" in os.environ):
+            raise ValueError(
+                f"{where} ({world} processes): Lightning starts the extra processes by "
+                f"re-running this process's command line ({' '.join(sys.argv[:2])} ...), which "
+                "is not lowprec-litgpt. Run `lowprec-litgpt ...` or `python -m "
+                "lightning_lowprec.litgpt ...`, or start the processes with torchrun."
+            )
+        if options.strategy == "fsdp2" and options.multipliers is not None:
+            raise ValueError(
+                f"lowprec.multipliers {options.multipliers!r} with lowprec.strategy fsdp2 "
+                f"({where}): FSDP2's full checkpoints bypass the CheckpointIO that merges the "
+                "multipliers into the weights, so litgpt could not load them. Use "
+                "--lowprec.strategy ddp, or lowprec.multipliers: null."
+            )
+        train = config.get("train")
+        if train is not None and train.get("global_batch_size") and train.get("micro_batch_size"):
+            per_device = train.global_batch_size // world
+            if per_device < train.micro_batch_size:
+                raise ValueError(
+                    f"--train.global_batch_size {train.global_batch_size} over {world} devices "
+                    f"is {per_device} per device, less than --train.micro_batch_size "
+                    f"{train.micro_batch_size}: litgpt needs at least one micro-batch per "
+                    f"device and step. Set --train.micro_batch_size {max(1, per_device)} or "
+                    f"--train.global_batch_size {world * train.micro_batch_size}."
+                )
 
     def _check_resume(self) -> None:
         """Compare the checkpoint's lowprec section with this run's before anything is built.
@@ -435,6 +478,7 @@ class _Run:
             instantiate_optimizer=self.instantiate_optimizer,
             save_hyperparameters=self.save_hyperparameters,
             compile_model=compile_model,
+            load_checkpoint=load_checkpoint,
         ) as module:
             try:
                 CLI(module.setup, args=self.litgpt_args)
@@ -480,7 +524,7 @@ class _Run:
         """The run's counters over all sessions so far (saved in litgpt's resumable state)."""
         seconds = self.session_seconds()
         return {
-            "tokens": self.previous["tokens"] + self.tokens,
+            "tokens": self.previous["tokens"] + self.session_tokens(),
             "train_seconds": self.previous["train_seconds"] + (0.0 if math.isnan(seconds)
                                                                else seconds),
             "sessions": self.previous["sessions"] + 1,
@@ -491,18 +535,30 @@ class _Run:
         self.previous = {"tokens": 0, "train_seconds": 0.0, "sessions": 1, **state}
         self.resumed_steps = steps
 
+    def session_tokens(self) -> int:
+        """This session's training tokens on all processes (a collective call when there are
+        several: every rank calls it, from ``save`` and at the end)."""
+        fabric = self.fabric
+        if fabric is None or fabric.world_size == 1:
+            return self.tokens
+        counted = torch.tensor(self.tokens, dtype=torch.long, device=fabric.device)
+        return int(fabric.all_reduce(counted, reduce_op="sum").item())
+
     def write_summary(self) -> dict[str, Any]:
         """``lowprec_summary.json``: steps, tokens and seconds over every session of the run
-        (a resumed run includes the sessions before), and this session's alone."""
+        (a resumed run includes the sessions before), and this session's alone, with the
+        Lightning strategy that ran. Tokens count every process; rank 0 writes the file."""
         seconds = self.session_seconds()
+        session_tokens = self.session_tokens()
+        fabric = self.fabric
         session = {
             "steps": self.steps,
-            "tokens": self.tokens,
+            "tokens": session_tokens,
             "train_seconds": seconds,
-            "tokens_per_second": self.tokens / seconds if seconds > 0 else math.nan,
+            "tokens_per_second": session_tokens / seconds if seconds > 0 else math.nan,
         }
         total_seconds = self.previous["train_seconds"] + (0.0 if math.isnan(seconds) else seconds)
-        tokens = self.previous["tokens"] + self.tokens
+        tokens = self.previous["tokens"] + session_tokens
         summary = {
             "command": self.command,
             "steps": self.resumed_steps + self.steps,
@@ -511,11 +567,14 @@ class _Run:
             "tokens_per_second": tokens / total_seconds if total_seconds > 0 else math.nan,
             "sessions": self.previous["sessions"] + 1,
             "session": session,
+            "strategy": None if fabric is None else type(fabric.strategy).__name__,
+            "world_size": 1 if fabric is None else fabric.world_size,
             SECTION: self.options.as_mapping(),
         }
-        out_dir = self.out_dir
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        if fabric is None or fabric.global_rank == 0:
+            out_dir = self.out_dir
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
         return summary
 
 
@@ -538,13 +597,24 @@ def _litgpt_instantiate(optimizer: Any, model_parameters: Any, **kwargs: Any):
 
 
 class _ProgressBar:
-    """Fabric callback: a tqdm bar over the optimizer steps (rank 0); prints go above it."""
+    """Fabric callback: a tqdm bar over the optimizer steps (rank 0); prints go above it.
 
-    def __init__(self, total: int | None) -> None:
+    The bar is made at its first use, when the process knows its rank (not yet when litgpt
+    builds the Fabric): the other ranks' bars are disabled.
+    """
+
+    def __init__(self, total: int | None, fabric: L.Fabric) -> None:
         from tqdm.auto import tqdm
 
-        self._tqdm = tqdm
-        self._bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=True)
+        self._tqdm, self._total, self._fabric = tqdm, total, fabric
+        self._made: Any = None
+
+    @property
+    def _bar(self) -> Any:
+        if self._made is None:
+            self._made = self._tqdm(total=self._total, unit="step", dynamic_ncols=True,
+                                    leave=True, disable=self._fabric.global_rank != 0)
+        return self._made
 
     def on_after_optimizer_step(self, strategy: Any, optimizer: Any) -> None:
         self._bar.update(1)
@@ -558,7 +628,8 @@ class _ProgressBar:
         self._tqdm.write(text, file=sys.stdout)
 
     def close(self) -> None:
-        self._bar.close()
+        if self._made is not None:
+            self._made.close()
 
 
 class _RecipeNormMonitor(FabricNormMonitor):
@@ -582,10 +653,12 @@ class RecipeFabric(L.Fabric):
     """The Fabric litgpt's recipe gets: litgpt's arguments, our plugin and callbacks.
 
     litgpt's precision string becomes the plugin's autocast or parameter dtype
-    (:data:`PRECISIONS`). At ``setup``/``setup_module`` the model gets its multipliers (before
-    the plugin converts it, so quantized layers quantize the effective weight), the run starts
-    counting its tokens, and the callbacks' ``on_after_setup`` fires (Fabric fires it from
-    ``setup`` only; LoRA uses ``setup_module``). ``setup_optimizers`` adds clipping before
+    (:data:`PRECISIONS`); on several devices litgpt's strategy becomes ``lowprec.strategy``'s
+    (:func:`distributed_strategy`), and ``lowprec.accelerator`` is passed on. At
+    ``setup``/``setup_module`` the model gets its multipliers (before the plugin converts it,
+    so quantized layers quantize the effective weight), the run starts counting its tokens,
+    and the callbacks' ``on_after_setup`` fires (Fabric fires it from ``setup`` only; LoRA
+    uses ``setup_module``). ``setup_optimizers`` adds clipping before
     each step when ``lowprec.max_norm`` is set and, for ``pretrain``, keeps the groups'
     learning-rate ratios (:func:`_keep_lr_ratios`), then prints one line saying what the
     lowprec section applied. ``save`` adds the run's counters to litgpt's resumable state and
@@ -600,11 +673,15 @@ class RecipeFabric(L.Fabric):
         precision: str | None = None,
         plugins: Any = None,
         callbacks: Any = None,
+        strategy: Any = "auto",
         **kwargs: Any,
     ) -> None:
         if plugins is not None:
             raise ValueError("lowprec-litgpt: litgpt asked for another precision plugin.")
         options = run.options
+        world = _world_size(run.config)
+        if world > 1:
+            strategy = distributed_strategy(options.strategy, world)
         plugin = LowPrecision(
             options.fmt,
             include=options.include,
@@ -615,7 +692,9 @@ class RecipeFabric(L.Fabric):
             sample=options.sample,
             **PRECISIONS[precision or "bf16-mixed"],
         )
-        ours: list[Any] = [FabricMergeMultipliers(), run]
+        # Only with multipliers (without, it changes nothing): it wraps the CheckpointIO,
+        # which ModelParallelStrategy does not have.
+        ours: list[Any] = [run] if options.multipliers is None else [FabricMergeMultipliers(), run]
         self._monitor: _RecipeNormMonitor | None = None
         if options.monitor is not None:
             self._monitor = _RecipeNormMonitor(
@@ -625,13 +704,25 @@ class RecipeFabric(L.Fabric):
             ours.append(self._monitor)
         self._progress = None
         if options.progress_bar:
-            self._progress = _ProgressBar(_total_steps(run.config))
+            self._progress = _ProgressBar(_total_steps(run.config), self)
             ours.append(self._progress)
-        super().__init__(plugins=[plugin], callbacks=[*(callbacks or []), *ours], **kwargs)
+        super().__init__(plugins=[plugin], callbacks=[*(callbacks or []), *ours],
+                         strategy=strategy, accelerator=options.accelerator, **kwargs)
         run.fabric = self
         self._run = run
         self.model: nn.Module | None = None
         self._wrapped: nn.Module | None = None
+
+    def init_module(self, empty_init: bool | None = None) -> AbstractContextManager:
+        """Under FSDP2 the model is built on the CPU, not on the meta device as litgpt asks:
+        litgpt's weight initialisation (``pretrain``) then runs on real tensors before
+        sharding, as on one device, instead of each layer's default ``reset_parameters`` at
+        FSDP2's materialisation. Costs one full model in host memory per process."""
+        from lightning.fabric.strategies import ModelParallelStrategy
+
+        if isinstance(self.strategy, ModelParallelStrategy):
+            empty_init = False
+        return super().init_module(empty_init=empty_init)
 
     def setup(self, module: nn.Module, *optimizers: Any, **kwargs: Any) -> Any:
         self._prepare(module)
@@ -692,6 +783,50 @@ class RecipeFabric(L.Fabric):
             self._progress.close()
 
 
+def load_checkpoint(fabric: L.Fabric, model: nn.Module, checkpoint_path: Path,
+                    strict: bool = True) -> None:
+    """litgpt's ``load_checkpoint``, with a correct FSDP2 branch: the full state dict (under
+    ``"model"`` or at the top level) is loaded into the shards by
+    ``torch.distributed.checkpoint``'s ``set_model_state_dict``; a LoRA model's
+    ``...linear.weight`` takes the base checkpoint's ``....weight``, as LoRA's own loading
+    hook maps it on one device. Other strategies: litgpt's own."""
+    from lightning.fabric.strategies import ModelParallelStrategy
+    from lightning.fabric.wrappers import _unwrap_objects
+    from litgpt.utils import load_checkpoint as litgpt_load_checkpoint
+
+    if not isinstance(fabric.strategy, ModelParallelStrategy):
+        litgpt_load_checkpoint(fabric, model, checkpoint_path, strict=strict)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    module = _unwrap_objects(model)
+    full = torch.load(checkpoint_path, mmap=True, map_location="cpu", weights_only=True)
+    full = full.get("model", full)
+    for key in module.state_dict():
+        base = key.replace(".linear.", ".")
+        if key not in full and base in full:
+            full[key] = full.pop(base)
+    set_model_state_dict(module, full,
+                         options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
+def distributed_strategy(name: str, world_size: int) -> Any:
+    """The Lightning strategy of ``lowprec.strategy`` ``name`` over ``world_size`` processes.
+
+    ``"fsdp2"``: ``ModelParallelStrategy`` sharding each transformer block and the root over
+    all processes (data parallel only) and saving *full* checkpoints (gathered on rank 0: what
+    litgpt's loaders and ``--resume`` read); ``"ddp"``: Lightning's ``"ddp"``.
+    """
+    if name == "ddp":
+        return "ddp"
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(
+        fully_shard_blocks, data_parallel_size=world_size, tensor_parallel_size=1,
+        save_distributed_checkpoint=False,
+    )
+
+
 def applied(run: _Run, model: nn.Module | None, optimizers: Sequence[Any]) -> str:
     """One line: what the lowprec section did to this run (format and layers, optimizer,
     sampling, multipliers, clipping, monitor)."""
@@ -725,6 +860,10 @@ def applied(run: _Run, model: nn.Module | None, optimizers: Sequence[Any]) -> st
     monitor = options.monitor
     parts.append("no monitor" if monitor is None else
                  f"NormMonitor every {monitor.get('every_n_steps', 50)} steps")
+    fabric = run.fabric
+    if fabric is not None and fabric.world_size > 1:
+        parts.append(f"strategy {type(fabric.strategy).__name__} ({run.options.strategy}, "
+                     f"{fabric.world_size} processes)")
     return "lowprec: " + " | ".join(parts)
 
 
@@ -786,17 +925,25 @@ def _keep_lr_ratios(optimizer: Any) -> None:
     _around_step(optimizer, at_ratios)
 
 
+def _world_size(config: Any) -> int:
+    """The run's processes: litgpt's ``--devices`` (``"auto"``: the GPUs) times ``--num_nodes``."""
+    from litgpt.utils import parse_devices
+
+    return parse_devices(config.get("devices", 1)) * config.get("num_nodes", 1)
+
+
 def _accumulation(config: Any) -> int:
-    """litgpt's gradient-accumulation iterations per optimizer step (one device)."""
+    """litgpt's gradient-accumulation iterations per optimizer step (per device)."""
     train = config.get("train")
     if train is None or not train.get("micro_batch_size") or not train.get("global_batch_size"):
         return 1
-    return max(1, train.global_batch_size // train.micro_batch_size)
+    return max(1, train.global_batch_size // _world_size(config) // train.micro_batch_size)
 
 
 def _total_steps(config: Any) -> int | None:
     """The run's optimizer steps when litgpt's arguments fix them: ``--train.max_steps``, or
-    for ``pretrain`` ``--train.max_tokens`` (litgpt's own arithmetic, one device)."""
+    for ``pretrain`` ``--train.max_tokens`` (litgpt's own arithmetic: the tokens are split
+    over the devices)."""
     train = config.get("train")
     if train is None:
         return None
@@ -804,5 +951,6 @@ def _total_steps(config: Any) -> int | None:
         return int(train.max_steps)
     micro, seq = train.get("micro_batch_size"), train.get("max_seq_length")
     if train.get("max_tokens") and micro and seq and train.get("global_batch_size"):
-        return (train.max_tokens // (micro * seq)) // (train.global_batch_size // micro)
+        per_device = train.max_tokens // _world_size(config)
+        return (per_device // (micro * seq)) // _accumulation(config)
     return None
