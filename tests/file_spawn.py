@@ -34,5 +34,9 @@ def _worker(rank: int, fn: Callable[..., None], init: str, args: tuple[Any, ...]
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)
     try:
         fn(rank, *args)
+        # No rank tears its connections down while a peer still reads its last collective
+        # (gloo then aborts the peer: "terminate called without an active exception"). A
+        # rank that raised skips this; ``mp.spawn`` reports it and stops the others.
+        dist.barrier()
     finally:
         dist.destroy_process_group()

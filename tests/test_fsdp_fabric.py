@@ -9,20 +9,11 @@ sample must still reach them).
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
+from file_spawn import spawn
 
 STEPS = 10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(rank: int, strategy: str, kind: str) -> dict[str, torch.Tensor]:
@@ -61,11 +52,7 @@ def train(rank: int, strategy: str, kind: str) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items()}
 
 
-def rank_main(rank: int, port: int, kinds: list[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      GROUP_RANK="0", TORCHELASTIC_RUN_ID="test")
-    torch.set_num_threads(1)
+def rank_main(rank: int, kinds: list[str]) -> None:
     for kind in kinds:
         sharded, ddp = train(rank, "fsdp", kind), train(rank, "ddp", kind)
         for key, value in ddp.items():
@@ -73,6 +60,5 @@ def rank_main(rank: int, port: int, kinds: list[str]) -> None:
 
 
 @pytest.mark.slow  # ~20 s: two processes, 4 optimizers x 2 strategies x 10 steps
-def test_fsdp2_equals_ddp_for_every_optimizer():
-    mp.spawn(rank_main, args=(free_port(), ["adamw", "lmd", "mplus", "madam"]), nprocs=2,
-             join=True)
+def test_fsdp2_equals_ddp_for_every_optimizer(tmp_path):
+    spawn(rank_main, tmp_path, ["adamw", "lmd", "mplus", "madam"])

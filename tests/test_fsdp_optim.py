@@ -10,13 +10,9 @@ identical: elementwise work is the same arithmetic on a slice, and every per-ten
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from file_spawn import spawn
 
 from lightning_lowprec import LMD, Madam, MPlusAdam
 
@@ -41,12 +37,6 @@ COMPILED_CASES = {
     "mplus_compiled": lambda ps: MPlusAdam(ps, storage="bf16", rounding="stochastic", seed=5,
                                            compiled=True),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def initial(dtype: torch.dtype) -> list[torch.Tensor]:
@@ -93,24 +83,18 @@ def run_case(name: str, build, mesh, steps: int = 4) -> None:
     assert all(type(v).__name__ == "DTensor" for v in full.values() if torch.is_tensor(v)), name
 
 
-def rank_main(rank: int, port: int, cases: list[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
+def rank_main(rank: int, cases: list[str]) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh("cpu", (2,))
-        for name in cases:
-            run_case(name, {**CASES, **COMPILED_CASES}[name], mesh)
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (2,))
+    for name in cases:
+        run_case(name, {**CASES, **COMPILED_CASES}[name], mesh)
 
 
-def test_sharded_steps_and_samples_equal_unsharded_bitwise():
-    mp.spawn(rank_main, args=(free_port(), list(CASES)), nprocs=2, join=True)
+def test_sharded_steps_and_samples_equal_unsharded_bitwise(tmp_path):
+    spawn(rank_main, tmp_path, list(CASES))
 
 
 @pytest.mark.slow  # ~80 s: compiles each kernel in both processes (Madam's has no noise)
-def test_compiled_kernels_on_local_shards_equal_unsharded_bitwise():
-    mp.spawn(rank_main, args=(free_port(), list(COMPILED_CASES)), nprocs=2, join=True)
+def test_compiled_kernels_on_local_shards_equal_unsharded_bitwise(tmp_path):
+    spawn(rank_main, tmp_path, list(COMPILED_CASES))

@@ -126,23 +126,11 @@ def test_ddp_trains_the_same_weights(fsdp2, default, tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=DDP_TOLERANCE, msg=key)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def load_on_rank(rank: int, port: int, checkpoint: str) -> None:
+def load_on_rank(rank: int, checkpoint: str) -> None:
     """The runner's ``load_checkpoint`` under FSDP2 puts every base tensor into the shards
     exactly: into ``litgpt.GPT`` (strict) and into litgpt's LoRA GPT, whose ``.linear.weight``
     takes the checkpoint's ``.weight`` (litgpt's own FSDP2 branch renames every key so, which
     fails for the plain GPT of ``finetune_full``)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      GROUP_RANK="0", TORCHELASTIC_RUN_ID="test")
-    torch.set_num_threads(1)
     import lightning as L
     import litgpt
     import litgpt.lora
@@ -172,7 +160,7 @@ def load_on_rank(rank: int, port: int, checkpoint: str) -> None:
             assert torch.equal(loaded[target], value), (gpt.__module__, key)
 
 
-def test_the_base_checkpoint_loads_into_the_shards_exactly(default):
-    import torch.multiprocessing as mp
+def test_the_base_checkpoint_loads_into_the_shards_exactly(default, tmp_path):
+    from file_spawn import spawn
 
-    mp.spawn(load_on_rank, args=(free_port(), str(default["checkpoint"])), nprocs=2, join=True)
+    spawn(load_on_rank, tmp_path, str(default["checkpoint"]))

@@ -4,46 +4,32 @@ processes whose global generators differ, as without ``seed_everything``)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from file_spawn import spawn
 
 from lightning_lowprec import LMD, MPlusAdam
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rank_main(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(100 + rank)  # the ranks' global generators differ; weights do not
-        w = torch.nn.Parameter(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
-        lmd = LMD([w], init="moment_matched")
-        mplus = MPlusAdam([torch.nn.Parameter(w.detach().clone())], storage="bf16",
-                          rounding="stochastic")
-        explicit = LMD([torch.nn.Parameter(w.detach().clone())], seed=rank)
-        lmd.sample_()
-        seeds = [lmd.param_groups[0]["seed"], mplus.param_groups[0]["seed"],
-                 explicit.param_groups[0]["seed"]]
-        Path(out, f"{rank}.json").write_text(json.dumps(
-            {"seeds": seeds, "sample": w.detach().flatten().tolist()}))
-    finally:
-        dist.destroy_process_group()
+def rank_main(rank: int, out: str) -> None:
+    torch.manual_seed(100 + rank)  # the ranks' global generators differ; weights do not
+    w = torch.nn.Parameter(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+    lmd = LMD([w], init="moment_matched")
+    mplus = MPlusAdam([torch.nn.Parameter(w.detach().clone())], storage="bf16",
+                      rounding="stochastic")
+    explicit = LMD([torch.nn.Parameter(w.detach().clone())], seed=rank)
+    lmd.sample_()
+    seeds = [lmd.param_groups[0]["seed"], mplus.param_groups[0]["seed"],
+             explicit.param_groups[0]["seed"]]
+    Path(out, f"{rank}.json").write_text(json.dumps(
+        {"seeds": seeds, "sample": w.detach().flatten().tolist()}))
 
 
 @pytest.mark.slow  # ~10 s: two fresh processes import torch
 def test_default_seed_is_broadcast_from_rank_0(tmp_path):
-    mp.spawn(rank_main, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(rank_main, tmp_path, str(tmp_path))
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["seeds"][:2] == ranks[1]["seeds"][:2]
     assert ranks[0]["sample"] == ranks[1]["sample"]  # moment-matched init and sample agree
