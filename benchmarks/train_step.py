@@ -18,6 +18,13 @@ also minus the RSS after imports: what the model, optimizer and steps added) and
 one forward saves for its backward beyond the parameters (``saved_bytes``: exact, where the
 RSS of so small a model is noisy).
 
+Where the time goes (``phase_times``, each the minimum over ``--repeat`` further steps): the
+forward with the loss (for sampled LMD it includes drawing the sample, which the plugin does
+before the forward), the backward (with restoring the point estimate after it), the optimizer
+step with ``zero_grad``, and, inside forward and backward, the time spent in the MX quantizer
+(every call of ``lightning_lowprec.nn``'s ``quantize``, timed around the call); for LMD,
+``sample+restore`` times the optimizer's ``sample_()`` + ``restore_()`` pair on its own.
+
 Run: ``OMP_NUM_THREADS=1 python -m benchmarks.train_step [--batch-size 4] [--seq-len 128]``.
 Prints a table; writes ``benchmarks/results/train_step.json``.
 """
@@ -31,6 +38,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +132,48 @@ def saved_bytes(model: torch.nn.Module) -> Iterator[list[int]]:
     total[0] = sum(seen.values())
 
 
+def phase_times(
+    forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None],
+    step: Callable[[], None], repeat: int,
+) -> dict[str, float]:
+    """Milliseconds of each phase of a train step (minimum over ``repeat`` steps each).
+
+    The quantizer's share is timed by wrapping the ``quantize`` that ``lightning_lowprec.nn``
+    calls (eager layers; a compiled module would not call it), so it counts every operand the
+    forward and a quantized backward quantize, and nothing else.
+    """
+    from lightning_lowprec import nn as lowprec_nn
+
+    original = lowprec_nn.quantize
+    spent = [0.0]
+
+    def timed(*args: Any, **kwargs: Any) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    phases: dict[str, list[float]] = {"fwd ms": [], "bwd ms": [], "step ms": [],
+                                      "quantize ms": []}
+    lowprec_nn.quantize = timed
+    try:
+        for _ in range(repeat):
+            spent[0] = 0.0
+            t0 = time.perf_counter()
+            loss = forward()
+            t1 = time.perf_counter()
+            backward(loss)
+            t2 = time.perf_counter()
+            step()
+            t3 = time.perf_counter()
+            for key, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, spent[0]), strict=True):
+                phases[key].append(seconds)
+    finally:
+        lowprec_nn.quantize = original
+    return {key: min(values) * 1e3 for key, values in phases.items()}
+
+
 def measure(name: str, batch_size: int, seq_len: int, warmup: int, repeat: int) -> dict:
     """Time one configuration in this process; return its row (no ratios yet)."""
     import lightning as L
@@ -156,6 +206,13 @@ def measure(name: str, batch_size: int, seq_len: int, warmup: int, repeat: int) 
         optimizer.zero_grad()
 
     ms = best_time(step, repeat=repeat, warmup=warmup)
+    phases = phase_times(
+        lambda: F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten()),
+        fabric.backward, lambda: (optimizer.step(), optimizer.zero_grad()), repeat)
+    inner = optimizer.optimizer
+    if hasattr(inner, "sample_"):
+        phases["sample+restore ms"] = best_time(lambda: (inner.sample_(), inner.restore_()),
+                                                repeat=repeat, warmup=1)
     state = state_bytes(optimizer.optimizer)
     peak = peak_rss_bytes()
     with saved_bytes(gpt) as saved:
@@ -165,6 +222,7 @@ def measure(name: str, batch_size: int, seq_len: int, warmup: int, repeat: int) 
     return {
         "config": name,
         "ms/step": ms,
+        **phases,
         "tokens/s": batch_size * seq_len / (ms / 1e3),
         "state B/param": state / parameters,
         "state MB": state / 2**20,
@@ -198,6 +256,8 @@ def run(names: list[str], batch_size: int, seq_len: int, warmup: int, repeat: in
 
 COLUMNS = ["config", "ms/step", "tokens/s", "x peer", "x fp32 AdamW", "state B/param",
            "peak RSS MB", "RSS over imports MB", "saved for backward MB"]
+PHASE_COLUMNS = ["config", "ms/step", "fwd ms", "bwd ms", "step ms", "quantize ms",
+                 "sample+restore ms"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -218,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
           f"parameters), batch {args.batch_size}x{args.seq_len}, cpu, "
           f"{torch.get_num_threads()} thread(s), min of {args.repeat} steps; peer: {PEER}")
     print_table(rows, COLUMNS)
+    print("\nWhere the time goes (ms, minimum per phase; quantize is inside fwd and bwd):")
+    print_table([{c: r.get(c) for c in PHASE_COLUMNS} for r in rows], PHASE_COLUMNS)
     path = write_json("train_step", rows, batch_size=args.batch_size, seq_len=args.seq_len,
                       warmup=args.warmup, repeat=args.repeat, peer=PEER)
     print("wrote", path)
