@@ -50,7 +50,7 @@ FP32_MAX = torch.finfo(torch.float32).max
 DEFAULTS = dict(
     lr=1e-2, momentum=0.9, sigma=0.05, weight_decay=0.1, m_ref=1.0, init="from_weights",
     init_sigma=0.5, sign_beta=None, separate_momentum=False, point_estimate="median",
-    noise="irwin_hall", adamw="auto", adamw_lr_ratio=0.3, betas=(0.9, 0.999), eps=1e-8,
+    noise="irwin_hall", adamw="auto", adamw_lr_ratio=0.3, adamw_betas=(0.9, 0.999), eps=1e-8,
 )
 """LMD's documented defaults (its Args section)."""
 
@@ -181,7 +181,7 @@ class ReferenceLMD:
             t["steps"] += 1
             if t["adamw"]:
                 adam = t["adam"].param_groups[0]
-                adam.update(lr=group["lr"] * group["adamw_lr_ratio"], betas=group["betas"],
+                adam.update(lr=group["lr"] * group["adamw_lr_ratio"], betas=group["adamw_betas"],
                             eps=group["eps"], weight_decay=group["weight_decay"])
                 t["weight"].grad = g
                 t["adam"].step()
@@ -278,7 +278,7 @@ CASES = {
     "abs-pair": {"init": "abs_pair", "weight_decay": 0.0, "_sample": "always"},
     "abs-pair-decay": {"init": "abs_pair", "separate_momentum": True},
     "adamw-never": {"adamw": "never", "separate_momentum": True, "_sample": "alternate"},
-    "adamw-always": {"adamw": "always", "betas": (0.8, 0.99), "eps": 1e-6},
+    "adamw-always": {"adamw": "always", "adamw_betas": (0.8, 0.99), "eps": 1e-6},
     "schedule": {"adamw_lr_ratio": 0.5, "momentum": 0.8, "_schedule": True, "_groups": 2},
 }
 """Every option of LMD; ``_sample`` ("always" / "alternate": training samples at even
