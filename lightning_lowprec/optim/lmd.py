@@ -299,9 +299,10 @@ class LMD(LowPrecisionOptimizer):
     * ``"from_weights"`` (default): ``m± = (sqrt(w^2 + 4 m0^2) ± w) / 2``, so ``m+ - m- = w``
       and ``m+ m- = m0^2`` (in fp32 up to rounding: ``|m+ - m- - w| <= 7.5e-7 RMS(w)``, about
       5 ulps of ``m0``, measured); with ``point_estimate="mean"`` the medians target
-      ``w / exp(sigma^2 / 2)``, so the mean ``exp(sigma^2/2) (m+ - m-)`` is ``w``. The model keeps its own initialisation (or its pretrained
-      weights, which makes fine-tuning work at all), nothing random is drawn, and the medians
-      sit at the scale ``m0`` that the measured defaults assume.
+      ``w / exp(sigma^2 / 2)``, so the mean ``exp(sigma^2/2) (m+ - m-)`` is ``w``. The model
+      keeps its own initialisation (or its pretrained weights, which makes fine-tuning work at
+      all), nothing random is drawn, and the medians sit at the scale ``m0`` that the measured
+      defaults assume.
     * ``"moment_matched"``: a fresh draw ``m± = m0 * exp(s0 * zeta±)``, which replaces the
       weights by another random init of the same RMS (RESEARCH.md §1, scheme b). From scratch
       only; ``init_sigma`` must not be as small as ``sigma`` (``s0 = 0.05`` gives
