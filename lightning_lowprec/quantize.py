@@ -3,7 +3,9 @@
 ``quantize(x, fmt)`` returns a tensor of ``x``'s shape and dtype whose values lie on the
 format's grid, bit-for-bit what the OCP MX v1.0 specification prescribes (the test suite
 compares against a per-element transcription of the spec). It runs as a handful of
-element-wise passes with no Python loop over blocks, eagerly or under ``torch.compile``.
+element-wise passes with no Python loop over blocks, eagerly or under ``torch.compile``; on
+CPU in eager mode the passes run over cache-sized slices of the tensor, into one
+preallocated output (the one full-size allocation).
 
 Semantics, per scaling group (an MX block of 32 consecutive elements along ``axis``, the last
 block shorter when the axis length is not a multiple of 32; or the whole tensor for ``fp8_*``):
@@ -61,6 +63,8 @@ _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _F32_EXP_MASK = 0x7F800000
 _F32_MANT_BITS = 23
 _F32_BIAS = 127
+_F32_MIN_SCALE_BITS = 1 << 22
+"""The bits of 2**-127, E8M0's smallest scale (an fp32 subnormal)."""
 
 
 def quantize(
@@ -136,6 +140,49 @@ def quantize_ste(
     return _QuantizeSTE.apply(x, name_or_fmt, axis, rounding, generator)
 
 
+_SLICE_ELEMENTS = 1 << 19
+"""Elements per slice on the CPU eager path: 1 MiB per fp32 scratch buffer, so that every pass
+over a slice runs from cache and the scratch is allocated once per call."""
+
+
+def _in_slices(x: Tensor) -> bool:
+    """Whether ``quantize`` runs slice by slice into one preallocated output (CPU, eager).
+
+    On CPU a fresh full-size buffer costs as much as several arithmetic passes (page faults)
+    and each pass over one runs from memory; cache-sized slices with reused scratch avoid
+    both, so the output is the one full-size allocation. Under ``torch.compile`` (Inductor
+    fuses the passes into one kernel), on accelerators (whose caching allocators make buffers
+    cheap) and when autograd records the ops (``out=`` kernels are not differentiable) the
+    plain graph runs instead.
+    """
+    return (
+        x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
+
+
+class _Scratch:
+    """The reused fp32 buffers of the slice loop, one per role, grown on demand."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+        self._slabs: dict[str, Tensor] = {}
+
+    def take(self, role: str, like: Tensor) -> Tensor:
+        """A contiguous fp32 tensor of ``like``'s shape backed by the buffer of ``role``."""
+        n = like.numel()
+        slab = self._slabs.get(role)
+        if slab is None or slab.numel() < n:
+            slab = self._slabs[role] = torch.empty(n, dtype=torch.float32, device=self._device)
+        return slab[:n].view(like.shape)
+
+
+def _take(scratch: _Scratch | None, role: str, like: Tensor) -> Tensor | None:
+    """``scratch``'s buffer for ``role`` as an ``out=`` argument; ``None`` (allocate) without."""
+    return None if scratch is None else scratch.take(role, like)
+
+
 def _quantize_blockwise(
     x: Tensor, fmt: Format, axis: int, rounding: str, generator: torch.Generator | None
 ) -> Tensor:
@@ -147,27 +194,100 @@ def _quantize_blockwise(
     after = math.prod(x.shape[axis + 1 :])
     # The last axis keeps a 2-D view: a trailing dimension of size 1 slows the kernels down.
     grouped = x.reshape(-1, length, after) if after > 1 else x.reshape(-1, length)
+    if _in_slices(x):
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dst = out.view(grouped.shape)
+        # The whole blocks, then the short last block as a view of its own: no padded copy of
+        # x, and no copy to cut the padding off the result.
+        full = length - length % fmt.block_size
+        for start, stop in ((0, full), (full, length)):
+            if stop > start:
+                size = min(fmt.block_size, stop - start)
+                _quantize_blocks_in_slices(
+                    grouped[:, start:stop].unflatten(1, (-1, size)),
+                    dst[:, start:stop].unflatten(1, (-1, size)),
+                    fmt, rounding, generator,
+                )
+        return out
     pad = -length % fmt.block_size
     if pad:
         grouped = torch.nn.functional.pad(grouped, (0, 0, 0, pad) if after > 1 else (0, pad))
     blocks = grouped.unflatten(1, (-1, fmt.block_size))
-
     # max(amax, -amin) is one cheap pass each and propagates NaN; abs() would allocate a copy.
-    amax = torch.maximum(blocks.amax(2, keepdim=True), -blocks.amin(2, keepdim=True)).float()
-    # floor(log2(amax)) straight from the exponent bits: exact, and 0 / subnormal amax land at
-    # -127 or below, which E8M0's lower limit clamps anyway.
-    amax_exp = (amax.view(torch.int32) >> _F32_MANT_BITS) - _F32_BIAS
-    shared_exp = (amax_exp - fmt.emax).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
-    values = blocks * _exp2(-shared_exp)  # the one fp32 buffer; everything after is in place
+    amax = torch.maximum(blocks.amax(2, keepdim=True), -blocks.amin(2, keepdim=True))
+    inverse, scale, finite = _block_scales(amax.float(), fmt)
+    values = blocks * inverse  # the one fp32 buffer; everything after is in place
     _round_elements_(values, fmt, rounding, generator)
-    values.mul_(_exp2(shared_exp)).masked_fill_(~torch.isfinite(amax), torch.nan)
-
     # Cast before cutting the padding off: Inductor (torch 2.13) miscompiles the slice followed
     # by a narrowing cast, leaving uninitialised memory in the short last block (issue 18).
-    out = values.flatten(1, 2).to(x.dtype)
+    out = values.mul_(scale).to(x.dtype)
+    # NaN blocks are filled after the cast so that they hold the output dtype's default NaN:
+    # CPU's vectorised fp32 -> bf16 cast writes NaN as 0xFFFF, the scalar one as 0x7FC0.
+    out = out.masked_fill_(~finite, torch.nan).flatten(1, 2)
     if pad:
         out = out[:, :length]
     return out.reshape(x.shape)
+
+
+def _block_scales(amax: Tensor, fmt: Format) -> tuple[Tensor, Tensor, Tensor]:
+    """``(2**-shared_exp, 2**shared_exp, amax is finite)`` from the fp32 block maxima.
+
+    Built from the bits, in a few small integer ops: ``floor(log2(amax))`` is the exponent
+    field (0 / subnormal amax land at or below E8M0's lower limit, which clamps them), and
+    ``2**n`` for ``n`` in [-127, 127] is a shifted exponent field, but for ``2**-127``, the
+    one E8M0 scale below fp32's normal range (``exp2`` is not guaranteed exact, and
+    ``.to(float8_e8m0fnu)`` rounds instead of flooring).
+    """
+    # shared_exp + 127 = clamp(floor(log2(amax)) - emax, -127, 127) + 127.
+    biased = ((amax.view(torch.int32) >> _F32_MANT_BITS) - fmt.emax).clamp_(
+        E8M0_MIN_EXP + _F32_BIAS, E8M0_MAX_EXP + _F32_BIAS
+    )
+    # A biased exponent of 0 gives the bits 0 (the value 0.0), which the clamp lifts to 2**-127.
+    scale = (biased << _F32_MANT_BITS).clamp_(min=_F32_MIN_SCALE_BITS).view(torch.float32)
+    inverse = ((2 * _F32_BIAS - biased) << _F32_MANT_BITS).clamp_(min=_F32_MIN_SCALE_BITS)
+    return inverse.view(torch.float32), scale, torch.isfinite(amax)
+
+
+def _quantize_blocks_in_slices(
+    src: Tensor, dst: Tensor, fmt: Format, rounding: str, generator: torch.Generator | None
+) -> None:
+    """Quantize the blocks ``src`` (``(rows, blocks, size[, after])``) into the output view
+    ``dst``, slice by slice: the input is read from memory once and the output written once,
+    every pass in between runs on a cache-sized fp32 slice (the output itself for fp32)."""
+    scratch = _Scratch(src.device)
+    for index in _slices(src.shape):
+        piece, out = src[index], dst[index]
+        values = out if out.dtype == torch.float32 else scratch.take("values", out)
+        if piece.dtype != torch.float32:
+            piece = values.copy_(piece)  # widened once (exact); the cast passes are slow
+        magnitude = torch.abs(piece, out=scratch.take("quantum", piece))
+        inverse, scale, finite = _block_scales(magnitude.amax(2, keepdim=True), fmt)
+        torch.mul(piece, inverse, out=values)
+        _round_elements_(values, fmt, rounding, generator, scratch)
+        values.mul_(scale)
+        if values is not out:
+            out.copy_(values)
+        if not bool(finite.all()):
+            out.masked_fill_(~finite, torch.nan)
+
+
+def _slices(shape: torch.Size) -> list[tuple[slice, ...]]:
+    """Index tuples that cut a ``(rows, blocks, size[, after])`` view into pieces of about
+    ``_SLICE_ELEMENTS`` elements (whole rows, else blocks of one row, else columns of one
+    block), never splitting a block (dim 2)."""
+    rows, blocks, size = shape[:3]
+    after = shape[3] if len(shape) == 4 else 1
+    row, block = blocks * size * after, size * after
+    if row <= _SLICE_ELEMENTS:
+        step = _SLICE_ELEMENTS // row
+        return [(slice(r, r + step),) for r in range(0, rows, step)]
+    if block <= _SLICE_ELEMENTS or len(shape) == 3:
+        step = max(1, _SLICE_ELEMENTS // block)
+        return [(slice(r, r + 1), slice(b, b + step))
+                for r in range(rows) for b in range(0, blocks, step)]
+    step = max(1, _SLICE_ELEMENTS // size)
+    return [(slice(r, r + 1), slice(b, b + 1), slice(None), slice(a, a + step))
+            for r in range(rows) for b in range(blocks) for a in range(0, after, step)]
 
 
 def _quantize_tensorwise(
@@ -176,44 +296,69 @@ def _quantize_tensorwise(
     amax = torch.maximum(x.amax(), -x.amin()).float()
     # A true division: `float / tensor` would multiply by the reciprocal and round twice.
     scale = torch.full_like(amax, fmt.max) / amax.clamp(min=_tensor_amax_floor(fmt))
+    if _in_slices(x):
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if not bool(torch.isfinite(amax)):
+            return out.fill_(torch.nan)
+        src, dst = x.reshape(-1), out.view(-1)
+        scratch = _Scratch(x.device)
+        for start in range(0, src.numel(), _SLICE_ELEMENTS):
+            piece = dst[start : start + _SLICE_ELEMENTS]
+            values = piece if piece.dtype == torch.float32 else scratch.take("values", piece)
+            # scale as one element, not 0-d, so that `bf16 * scale` computes in fp32.
+            torch.mul(src[start : start + _SLICE_ELEMENTS], scale.view(1), out=values)
+            _round_elements_(values, fmt, rounding, generator, scratch)
+            values.div_(scale)
+            if values is not piece:
+                piece.copy_(values)
+        return out
     values = x.to(torch.float32, copy=True).mul_(scale)  # the one fresh fp32 buffer
     _round_elements_(values, fmt, rounding, generator)
-    values.div_(scale).masked_fill_(~torch.isfinite(amax), torch.nan)
-    return values.to(x.dtype)
+    return values.div_(scale).to(x.dtype).masked_fill_(~torch.isfinite(amax), torch.nan)
 
 
 def _round_elements_(
-    v: Tensor, fmt: Format, rounding: str, generator: torch.Generator | None
+    v: Tensor,
+    fmt: Format,
+    rounding: str,
+    generator: torch.Generator | None,
+    scratch: _Scratch | None = None,
 ) -> None:
     """Round fp32 ``v`` (already divided by its scale) onto ``fmt``'s element grid in place.
 
     Saturates at the element max. Each product and quotient is by a power of two, hence exact;
-    only the rounding step rounds. In place because on CPU a fresh large tensor costs as much
-    as several arithmetic passes (page faults), so eager mode allocates one extra buffer.
+    only the rounding step rounds. The temporaries live in ``scratch`` where given (the CPU
+    slice loop), else they are fresh tensors (a graph that Inductor fuses away).
     """
+    quantum: Tensor | float
     if fmt.element == "int":
-        quantum = torch.full_like(v, 2.0**-fmt.mbits)
+        quantum = 2.0**-fmt.mbits
     else:
         # Quantum 2**(floor(log2 max(|v|, 2**emin)) - mbits): the element's own exponent, or
         # emin's for subnormal elements, read off the exponent bits.
-        quantum = v.abs().clamp_(min=2.0**fmt.emin)
+        quantum = torch.abs(v, out=_take(scratch, "quantum", v)).clamp_(min=2.0**fmt.emin)
         quantum.view(torch.int32).bitwise_and_(_F32_EXP_MASK)
         quantum.mul_(2.0**-fmt.mbits)
-    # The quantum carries v's sign, so v / quantum is a magnitude and rounding is symmetric in
-    # sign; multiplying back restores the sign, also of values that round to zero.
-    quantum.copysign_(v)
-    v.div_(quantum)
     if rounding == "even":
-        v.round_()
-    elif rounding == "nearest":
-        # Not floor(v + 0.5): the sum rounds in fp32 and lifts 0.5 - 2**-25 to 1.
-        round_up = v.frac().ge_(0.5)
-        v.floor_().add_(round_up)
+        # Ties-to-even is symmetric in sign, and round(-0.3) is -0.0: v keeps its sign.
+        v.div_(quantum).round_()
     else:
+        # The quantum carries v's sign, so v / quantum is a magnitude for the floor-based modes
+        # below; multiplying back restores the sign, also of values that round to zero.
+        if isinstance(quantum, float):
+            quantum = torch.full(v.shape, quantum, dtype=torch.float32, device=v.device,
+                                 out=_take(scratch, "quantum", v))
+        v.div_(quantum.copysign_(v))
+    if rounding == "nearest":
+        # Not floor(v + 0.5): the sum rounds in fp32 and lifts 0.5 - 2**-25 to 1.
+        round_up = torch.frac(v, out=_take(scratch, "frac", v)).ge_(0.5)
+        v.floor_().add_(round_up)
+    elif rounding == "stochastic":
         # fp32 draws whatever the default dtype: bf16 draws (the plugin's param_dtype="bf16"
         # sets that default) have 8 bits, biasing every probability below 2**-8.
-        draws = torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
-        round_up = draws.lt_(v.frac())
+        draws = torch.rand(v.shape, generator=generator, dtype=torch.float32, device=v.device,
+                           out=_take(scratch, "draws", v))
+        round_up = draws.lt_(torch.frac(v, out=_take(scratch, "frac", v)))
         v.floor_().add_(round_up)
     v.mul_(quantum).clamp_(-fmt.max, fmt.max)
 
@@ -224,5 +369,5 @@ def _exp2(n: Tensor) -> Tensor:
     ``exp2`` is not guaranteed exact and ``.to(float8_e8m0fnu)`` rounds instead of flooring;
     ``2**-127`` is the one E8M0 scale below fp32's normal range.
     """
-    bits = torch.where(n > -_F32_BIAS, (n + _F32_BIAS) << _F32_MANT_BITS, 1 << 22)
+    bits = torch.where(n > -_F32_BIAS, (n + _F32_BIAS) << _F32_MANT_BITS, _F32_MIN_SCALE_BITS)
     return bits.view(torch.float32)

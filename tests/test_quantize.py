@@ -6,8 +6,11 @@ stochastic rounding; the straight-through wrapper; idempotence; errors; torch.co
 
 from __future__ import annotations
 
+import importlib
 import math
 import struct
+from contextlib import contextmanager
+from unittest import mock
 
 import pytest
 import torch
@@ -25,6 +28,7 @@ from mx_reference import (
 from lightning_lowprec.formats import FORMATS
 from lightning_lowprec.quantize import quantize, quantize_ste
 
+quantize_module = importlib.import_module("lightning_lowprec.quantize")
 ALL_FORMATS = list(REFERENCE_FORMATS)
 MX_FORMATS = [name for name, f in REFERENCE_FORMATS.items() if not f.per_tensor]
 DETERMINISTIC = ["even", "nearest"]
@@ -447,6 +451,74 @@ def quantize_inputs(draw, formats=ALL_FORMATS, roundings=DETERMINISTIC):
 def test_hypothesis_matches_reference(args):
     x, fmt, axis, rounding = args
     check(x, fmt, axis=axis, rounding=rounding)
+
+
+@contextmanager
+def slice_elements(n):
+    """Run the CPU eager path in slices of ``n`` elements (default 2**19), to reach its loop."""
+    with mock.patch.object(quantize_module, "_SLICE_ELEMENTS", n):
+        yield
+
+
+@contextmanager
+def graph_path():
+    """Run the plain graph (what compile, CUDA and autograd use) eagerly on CPU."""
+    with mock.patch.object(quantize_module, "_in_slices", lambda x: False):
+        yield
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(quantize_inputs(), st.sampled_from([1, 7, 32, 100, 1000]))
+def test_hypothesis_slice_loop_matches_reference(args, limit):
+    """Slices of every size (one block-column of rows, part of a row, part of ``after``)."""
+    x, fmt, axis, rounding = args
+    with slice_elements(limit):
+        check(x, fmt, axis=axis, rounding=rounding)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(quantize_inputs())
+def test_hypothesis_graph_path_matches_reference(args):
+    x, fmt, axis, rounding = args
+    with graph_path():
+        check(x, fmt, axis=axis, rounding=rounding)
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+@pytest.mark.parametrize("shape,axis", [((70, 100), -1), ((3, 70, 50), 1), ((65, 3, 40), 0)])
+def test_slice_loop_cuts_rows_blocks_and_columns(fmt, shape, axis):
+    x = random_tensor(shape, seed=31)
+    x.view(-1)[17] = math.nan
+    for limit in (40, 300, 5000):
+        with slice_elements(limit):
+            check(x, fmt, axis=axis)
+            check(x.to(torch.bfloat16), fmt, axis=axis, rounding="nearest")
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxint8", "fp8_e4m3"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 1), (3, 40), (64, 100)])
+def test_nan_blocks_hold_the_dtypes_default_nan(fmt, dtype, shape):
+    """On both paths, so that ``export.unpack`` can reproduce them bit for bit: CPU's
+    vectorised fp32 -> bf16 cast writes NaN as 0xFFFF, the scalar one (and fill) 0x7FC0."""
+    x = random_tensor(shape, seed=32, dtype=dtype)
+    x.view(-1)[0] = math.nan
+    default_nan = torch.tensor(math.nan, dtype=dtype).view(INT_VIEW[dtype])
+    eager = quantize(x, fmt)
+    with graph_path():
+        graph = quantize(x, fmt)
+    for out in (eager, graph):
+        nan = torch.isnan(out)
+        assert nan.any()
+        assert (out.view(INT_VIEW[dtype])[nan] == default_nan).all()
+
+
+def test_eager_path_keeps_autograd_working():
+    """Inputs that need grad take the graph (``out=`` kernels are not differentiable)."""
+    x = random_tensor((4, 64), seed=33).requires_grad_(True)
+    y = quantize(x, "mxfp6_e3m2")
+    assert y.requires_grad
+    assert same_bits(y.detach(), quantize(x.detach(), "mxfp6_e3m2")).all()
 
 
 # --------------------------------------------------------------------------------------------
