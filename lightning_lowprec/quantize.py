@@ -12,8 +12,14 @@ block shorter when the axis length is not a multiple of 32; or the whole tensor 
 
 * Arithmetic is fp32; bf16/fp16 inputs are widened exactly and the result is cast back with
   round-to-nearest-even (for fp16 a grid value below fp16's subnormal range rounds again).
-* MX: ``shared_exp = clamp(floor(log2(amax)) - emax, -127, 127)`` (E8M0's range); each element
-  ``v = x / 2**shared_exp`` is rounded to the element format with quantum
+* MX: ``shared_exp = clamp(floor(log2(amax)) - emax, -127, 127)`` (E8M0's range; the spec's
+  rule, ``scale_rule="floor"``) or, with ``scale_rule="rceil"`` (NVIDIA's cuBLAS / Transformer
+  Engine rule for MXFP8, torchao's ``ScaleCalculationMode.RCEIL``),
+  ``shared_exp = clamp(ceil(log2(f32(amax / max))), -127, 127)``: the smallest power of two
+  that maps the fp32 quotient onto the element max, so the block's max saturates (almost)
+  never and keeps more of its mantissa (relative MSE on randn in MXFP8 E4M3: 8.6e-4 floor,
+  7.1e-4 rceil); each element ``v = x / 2**shared_exp`` is rounded to the element format with
+  quantum
   ``2**(max(floor(log2|v|), emin) - mbits)`` (MXINT8: ``2**-6``), saturated at the element
   max, and scaled back. A block whose max itself rounds up past the element max saturates.
 * Per-tensor FP8: ``scale = max / max(amax, max * 2**-126)`` in fp32 (the scale stays a
@@ -42,10 +48,13 @@ from torch import Tensor
 
 from lightning_lowprec.formats import E8M0_MAX_EXP, E8M0_MIN_EXP, FORMATS, Format, parse
 
-__all__ = ["ROUNDING_MODES", "quantize", "quantize_ste"]
+__all__ = ["ROUNDING_MODES", "SCALE_RULES", "quantize", "quantize_ste"]
 
 Rounding = Literal["even", "nearest", "stochastic"]
 ROUNDING_MODES: tuple[str, ...] = ("even", "nearest", "stochastic")
+ScaleRule = Literal["floor", "rceil"]
+SCALE_RULES: tuple[str, ...] = ("floor", "rceil")
+"""How an MX block's shared scale is chosen: ``"floor"`` (the OCP spec) or ``"rceil"``."""
 
 
 
@@ -61,6 +70,7 @@ _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """What ``quantize`` accepts: the dtypes it widens to fp32 exactly (float8 would need a cast)."""
 
 _F32_EXP_MASK = 0x7F800000
+_F32_MANT_MASK = 0x007FFFFF
 _F32_MANT_BITS = 23
 _F32_BIAS = 127
 _F32_MIN_SCALE_BITS = 1 << 22
@@ -73,6 +83,7 @@ def quantize(
     axis: int = -1,
     rounding: Rounding = "even",
     generator: torch.Generator | None = None,
+    scale_rule: ScaleRule = "floor",
 ) -> Tensor:
     """Fake-quantize ``x`` to ``fmt``: same shape and dtype, values on the format's grid.
 
@@ -84,16 +95,23 @@ def quantize(
         rounding: ``"even"``, ``"nearest"`` or ``"stochastic"`` (see the module docstring).
         generator: source of the uniform draws of stochastic rounding (default: torch's
             global generator for ``x``'s device).
+        scale_rule: an MX block's shared scale, ``"floor"`` (the spec's, default) or
+            ``"rceil"`` (see the module docstring). Ignored by the per-tensor formats, whose
+            scale is ``max / amax``.
 
     Raises:
-        ValueError: unknown format or rounding mode, or ``x`` not fp32, bf16 or fp16 (float8
-            and float64 included).
+        ValueError: unknown format, rounding mode or scale rule, or ``x`` not fp32, bf16 or
+            fp16 (float8 and float64 included).
         IndexError: ``axis`` out of range.
     """
     fmt = parse(fmt)
     if rounding not in ROUNDING_MODES:
         raise ValueError(
             f"Unknown rounding {rounding!r}. Valid modes: {', '.join(ROUNDING_MODES)}."
+        )
+    if scale_rule not in SCALE_RULES:
+        raise ValueError(
+            f"Unknown scale_rule {scale_rule!r}. Valid rules: {', '.join(SCALE_RULES)}."
         )
     if x.dtype not in _INPUT_DTYPES:
         raise ValueError(
@@ -106,19 +124,19 @@ def quantize(
         return x.clone()
     if fmt.scaling == "tensor":
         return _quantize_tensorwise(x, fmt, rounding, generator)
-    return _quantize_blockwise(x, fmt, axis, rounding, generator)
+    return _quantize_blockwise(x, fmt, axis, rounding, generator, scale_rule)
 
 
 class _QuantizeSTE(torch.autograd.Function):
     """Forward: fake quantization; backward: the identity (straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx, x, fmt, axis, rounding, generator):
-        return quantize(x, fmt, axis, rounding, generator)
+    def forward(ctx, x, fmt, axis, rounding, generator, scale_rule):
+        return quantize(x, fmt, axis, rounding, generator, scale_rule)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def quantize_ste(
@@ -127,6 +145,7 @@ def quantize_ste(
     axis: int = -1,
     rounding: Rounding = "even",
     generator: torch.Generator | None = None,
+    scale_rule: ScaleRule = "floor",
 ) -> Tensor:
     """:func:`quantize` whose gradient passes through unchanged (for training).
 
@@ -137,7 +156,7 @@ def quantize_ste(
     # A built-in format travels by name: under torch.compile(dynamic=True) Dynamo would make a
     # Format's float fields symbolic inputs of the autograd.Function and fail to lift them.
     name_or_fmt = fmt.name if FORMATS.get(fmt.name) == fmt else fmt
-    return _QuantizeSTE.apply(x, name_or_fmt, axis, rounding, generator)
+    return _QuantizeSTE.apply(x, name_or_fmt, axis, rounding, generator, scale_rule)
 
 
 _SLICE_ELEMENTS = 1 << 19
@@ -184,7 +203,12 @@ def _take(scratch: _Scratch | None, role: str, like: Tensor) -> Tensor | None:
 
 
 def _quantize_blockwise(
-    x: Tensor, fmt: Format, axis: int, rounding: str, generator: torch.Generator | None
+    x: Tensor,
+    fmt: Format,
+    axis: int,
+    rounding: str,
+    generator: torch.Generator | None,
+    scale_rule: str,
 ) -> Tensor:
     # View x as (before, axis, after) and cut the axis into blocks in place: (before, blocks,
     # 32, after), reduced over dim 2. No axis is moved, so a contiguous x is never copied
@@ -206,7 +230,7 @@ def _quantize_blockwise(
                 _quantize_blocks_in_slices(
                     grouped[:, start:stop].unflatten(1, (-1, size)),
                     dst[:, start:stop].unflatten(1, (-1, size)),
-                    fmt, rounding, generator,
+                    fmt, rounding, generator, scale_rule,
                 )
         return out
     pad = -length % fmt.block_size
@@ -215,7 +239,7 @@ def _quantize_blockwise(
     blocks = grouped.unflatten(1, (-1, fmt.block_size))
     # max(amax, -amin) is one cheap pass each and propagates NaN; abs() would allocate a copy.
     amax = torch.maximum(blocks.amax(2, keepdim=True), -blocks.amin(2, keepdim=True))
-    inverse, scale, finite = _block_scales(amax.float(), fmt)
+    inverse, scale, finite = _block_scales(amax.float(), fmt, scale_rule)
     values = blocks * inverse  # the one fp32 buffer; everything after is in place
     _round_elements_(values, fmt, rounding, generator)
     # Cast before cutting the padding off: Inductor (torch 2.13) miscompiles the slice followed
@@ -229,7 +253,9 @@ def _quantize_blockwise(
     return out.reshape(x.shape)
 
 
-def _block_scales(amax: Tensor, fmt: Format) -> tuple[Tensor, Tensor, Tensor]:
+def _block_scales(
+    amax: Tensor, fmt: Format, scale_rule: str
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(2**-shared_exp, 2**shared_exp, amax is finite)`` from the fp32 block maxima.
 
     Built from the bits, in a few small integer ops: ``floor(log2(amax))`` is the exponent
@@ -238,8 +264,18 @@ def _block_scales(amax: Tensor, fmt: Format) -> tuple[Tensor, Tensor, Tensor]:
     one E8M0 scale below fp32's normal range (``exp2`` is not guaranteed exact, and
     ``.to(float8_e8m0fnu)`` rounds instead of flooring).
     """
-    # shared_exp + 127 = clamp(floor(log2(amax)) - emax, -127, 127) + 127.
-    biased = ((amax.view(torch.int32) >> _F32_MANT_BITS) - fmt.emax).clamp_(
+    if scale_rule == "floor":
+        # shared_exp + 127 = floor(log2(amax)) - emax + 127.
+        biased = (amax.view(torch.int32) >> _F32_MANT_BITS) - fmt.emax
+    else:
+        # shared_exp + 127 = ceil(log2(d)) + 127 for d = f32(amax / max) (a true division):
+        # the exponent field, plus one unless the mantissa is zero. That is one too many for
+        # a subnormal d <= 2**-127, whose ceiling is already at or below E8M0's limit.
+        d = (amax / fmt.max).view(torch.int32)
+        biased = (d >> _F32_MANT_BITS) + (d & _F32_MANT_MASK).ne(0)
+        biased = torch.where(d > _F32_MIN_SCALE_BITS, biased, 0)
+    # Clamped to E8M0's range: shared_exp in [-127, 127].
+    biased = biased.clamp_(
         E8M0_MIN_EXP + _F32_BIAS, E8M0_MAX_EXP + _F32_BIAS
     )
     # A biased exponent of 0 gives the bits 0 (the value 0.0), which the clamp lifts to 2**-127.
@@ -249,7 +285,12 @@ def _block_scales(amax: Tensor, fmt: Format) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _quantize_blocks_in_slices(
-    src: Tensor, dst: Tensor, fmt: Format, rounding: str, generator: torch.Generator | None
+    src: Tensor,
+    dst: Tensor,
+    fmt: Format,
+    rounding: str,
+    generator: torch.Generator | None,
+    scale_rule: str,
 ) -> None:
     """Quantize the blocks ``src`` (``(rows, blocks, size[, after])``) into the output view
     ``dst``, slice by slice: the input is read from memory once and the output written once,
@@ -261,7 +302,7 @@ def _quantize_blocks_in_slices(
         if piece.dtype != torch.float32:
             piece = values.copy_(piece)  # widened once (exact); the cast passes are slow
         magnitude = torch.abs(piece, out=scratch.take("quantum", piece))
-        inverse, scale, finite = _block_scales(magnitude.amax(2, keepdim=True), fmt)
+        inverse, scale, finite = _block_scales(magnitude.amax(2, keepdim=True), fmt, scale_rule)
         torch.mul(piece, inverse, out=values)
         _round_elements_(values, fmt, rounding, generator, scratch)
         values.mul_(scale)

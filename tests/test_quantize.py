@@ -75,13 +75,16 @@ def assert_bitwise_equal(actual, expected, x, context=""):
         )
 
 
-def check(x, fmt, axis=-1, rounding="even"):
+def check(x, fmt, axis=-1, rounding="even", scale_rule="floor"):
     """quantize(x) equals the reference bit for bit, and leaves x untouched."""
     before = x.clone()
-    actual = quantize(x, fmt, axis=axis, rounding=rounding)
+    actual = quantize(x, fmt, axis=axis, rounding=rounding, scale_rule=scale_rule)
     assert same_bits(x, before).all(), "quantize modified its input"
-    expected = reference_quantize_tensor(x, fmt, axis=axis, rounding=rounding)
-    assert_bitwise_equal(actual, expected, x, f"{fmt} axis={axis} rounding={rounding}")
+    expected = reference_quantize_tensor(
+        x, fmt, axis=axis, rounding=rounding, scale_rule=scale_rule
+    )
+    context = f"{fmt} axis={axis} rounding={rounding} scale_rule={scale_rule}"
+    assert_bitwise_equal(actual, expected, x, context)
     return actual
 
 
@@ -522,6 +525,87 @@ def test_eager_path_keeps_autograd_working():
 
 
 # --------------------------------------------------------------------------------------------
+# (b') The RCEIL shared-scale rule
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CORNER_NAMES)
+@pytest.mark.parametrize("fmt", MX_FORMATS)
+def test_rceil_corner_cases(case, fmt):
+    x = torch.tensor(corner_lines(fmt)[case], dtype=torch.float32)
+    check(x, fmt, scale_rule="rceil")
+    check(x.to(torch.bfloat16), fmt, rounding="nearest", scale_rule="rceil")
+
+
+def rceil_edges(fmt_name):
+    """Block maxima at, one ulp either side of, and between ``max * 2**k``, so that
+    ``f32(amax / max)`` is, or just misses, a power of two; and the subnormal quotients."""
+    top = REFERENCE_FORMATS[fmt_name].max
+    lines = []
+    for k in (-130, -127, -126, -60, -3, 0, 5, 100):
+        for amax in (top * 2.0**k, f32_step(top * 2.0**k, 1), f32_step(top * 2.0**k, -1),
+                     1.5 * top * 2.0**k):
+            amax = f32(amax)
+            if 0 < amax < FP32_MAX:
+                lines.append([amax] + [f32(amax * (i - 15) / 17) for i in range(31)])
+    return torch.tensor(lines, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("fmt", MX_FORMATS)
+def test_rceil_edges_of_the_ceiling(fmt):
+    for rounding in DETERMINISTIC:
+        out = check(rceil_edges(fmt), fmt, rounding=rounding, scale_rule="rceil")
+        assert torch.isfinite(out).all()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(quantize_inputs(formats=MX_FORMATS))
+def test_hypothesis_rceil_matches_reference(args):
+    x, fmt, axis, rounding = args
+    check(x, fmt, axis=axis, rounding=rounding, scale_rule="rceil")
+    with slice_elements(100):
+        check(x, fmt, axis=axis, rounding=rounding, scale_rule="rceil")
+
+
+def test_rceil_matches_torchao_mxfp8_e4m3_bitwise():
+    """torchao's ``ScaleCalculationMode.RCEIL`` (its eager fallback of NVIDIA's
+    ``cvt.rp.satfinite.ue8m0``) on finite blocks with ``f32(amax / 448) > 2**-127`` (below,
+    torchao leaves the elements unscaled for the scale 2**-127, which flushes them)."""
+    mx_tensor = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
+    config = pytest.importorskip("torchao.prototype.mx_formats.config")
+    gen = torch.Generator().manual_seed(41)
+    x = torch.randn(256, 1024, generator=gen)
+    x *= torch.exp2(torch.randint(-40, 40, (256, 32, 1), generator=gen).float()).repeat_interleave(
+        32, dim=1).reshape(256, 1024)
+    edges = rceil_edges("mxfp8_e4m3")
+    edges = edges[edges.abs().amax(1) / 448 > 2.0**-127]
+    x[: len(edges), :32] = edges
+    x[len(edges), :32] = 0.0
+    peer = mx_tensor.MXTensor.to_mx(
+        x, torch.float8_e4m3fn, 32, scaling_mode=config.ScaleCalculationMode.RCEIL
+    ).dequantize(torch.float32)
+    assert_bitwise_equal(quantize(x, "mxfp8_e4m3", scale_rule="rceil"), peer, x, "rceil")
+
+
+def test_rceil_is_more_accurate_on_randn():
+    """The numbers of issue 18: relative MSE 8.6e-4 (floor) vs 7.1e-4 (rceil), MXFP8 E4M3."""
+    x = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
+
+    def relative_mse(rule):
+        q = quantize(x, "mxfp8_e4m3", scale_rule=rule)
+        return ((q - x).square().sum() / x.square().sum()).item()
+
+    assert relative_mse("floor") == pytest.approx(8.6e-4, rel=0.02)
+    assert relative_mse("rceil") == pytest.approx(7.1e-4, rel=0.02)
+
+
+def test_scale_rule_is_ignored_by_per_tensor_formats():
+    x = random_tensor((4, 40), seed=42)
+    for fmt in ("fp8_e4m3", "fp8_e5m2"):
+        assert same_bits(quantize(x, fmt, scale_rule="rceil"), quantize(x, fmt)).all()
+
+
+# --------------------------------------------------------------------------------------------
 # (c) Stochastic rounding
 # --------------------------------------------------------------------------------------------
 
@@ -744,6 +828,13 @@ def test_unsupported_dtypes_raise_value_error(dtype, fmt):
     assert str(dtype) in str(info.value)
 
 
+def test_unknown_scale_rule_names_valid_rules():
+    for bad in ["ceil", "RCEIL", "", None]:
+        with pytest.raises(ValueError, match="floor, rceil") as info:
+            quantize(torch.ones(4), "mxfp8_e4m3", scale_rule=bad)
+        assert repr(bad) in str(info.value)
+
+
 @pytest.mark.parametrize("axis", [2, -3, 10])
 def test_bad_axis(axis):
     with pytest.raises((IndexError, ValueError)):
@@ -756,7 +847,9 @@ def test_bad_axis(axis):
 
 
 def _all_formats(x):
-    return [quantize(x, name, axis=0) for name in ALL_FORMATS]
+    return [quantize(x, name, axis=0) for name in ALL_FORMATS] + [
+        quantize(x, name, axis=0, scale_rule="rceil") for name in MX_FORMATS
+    ]
 
 
 @pytest.mark.slow
@@ -767,8 +860,8 @@ def test_compiled_matches_eager():
     x[40:72, 3] = 0.0
     x[80, 100] = 1e-40
     compiled = torch.compile(_all_formats, dynamic=False)
-    for name, got in zip(ALL_FORMATS, compiled(x), strict=True):
-        expected = quantize(x, name, axis=0)
+    names = ALL_FORMATS + [f"{name} rceil" for name in MX_FORMATS]
+    for name, got, expected in zip(names, compiled(x), _all_formats(x), strict=True):
         assert_bitwise_equal(got, expected, x, f"compiled {name}")
 
 
