@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.timing import best_time, print_table, write_json
 from lightning_lowprec.formats import FORMATS, Format
-from lightning_lowprec.quantize import _tensor_amax_floor, quantize
+from lightning_lowprec.quantizer import _tensor_amax_floor, quantize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

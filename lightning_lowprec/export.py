@@ -51,7 +51,7 @@ from lightning_lowprec.nn import (
     check_format_map,
     layer_formats,
 )
-from lightning_lowprec.quantize import quantize
+from lightning_lowprec.quantizer import quantize
 
 __all__ = ["METADATA_KEY", "PackedLinear", "export_mx", "load_mx", "pack", "unpack"]
 

@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 
 from lightning_lowprec.formats import Format
 from lightning_lowprec.nn import QuantizedLinear, _matches
-from lightning_lowprec.quantize import Rounding
+from lightning_lowprec.quantizer import Rounding
 from lightning_lowprec.scaled_mm import Backend
 
 __all__ = ["keep_quantized_paths", "quantize_conv1ds", "warn_unquantized"]

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_lowprec.formats import Format, parse
-from lightning_lowprec.quantize import ROUNDING_MODES, Rounding, quantize, quantize_ste
+from lightning_lowprec.quantizer import ROUNDING_MODES, Rounding, quantize, quantize_ste
 from lightning_lowprec.scaled_mm import Backend, check_backend, scaled_mm_linear, use_scaled_mm
 
 __all__ = ["FormatMap", "QuantizedLinear", "check_format_map", "layer_formats", "quantize_linears"]

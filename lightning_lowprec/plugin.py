@@ -48,7 +48,7 @@ from lightning_lowprec.nn import (
 )
 from lightning_lowprec.optim.groups import without_multipliers
 from lightning_lowprec.posterior import is_posterior
-from lightning_lowprec.quantize import Rounding
+from lightning_lowprec.quantizer import Rounding
 from lightning_lowprec.sampling import PosteriorSampler
 from lightning_lowprec.scaled_mm import Backend, check_backend
 

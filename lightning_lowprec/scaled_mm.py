@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_lowprec.formats import E8M0_MAX_EXP, E8M0_MIN_EXP, Format
-from lightning_lowprec.quantize import Rounding, _tensor_amax_floor, quantize
+from lightning_lowprec.quantizer import Rounding, _tensor_amax_floor, quantize
 
 __all__ = ["BACKENDS", "Backend"]
 

@@ -1,6 +1,6 @@
 """A slow, per-element reference for the MX / FP8 fake quantizer, written from the spec.
 
-This is the test oracle for ``lightning_lowprec.quantize``. It deliberately shares nothing with
+This is the test oracle for ``lightning_lowprec.quantizer``. It deliberately shares nothing with
 the implementation: the format constants are hard-coded here (a test checks they agree with
 ``lightning_lowprec.formats.FORMATS``), every value is a Python float, and every element is
 handled on its own, one operation at a time, so a reader can check each line against the text of

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_lowprec.nn import QuantizedLinear, quantize_linears
-from lightning_lowprec.quantize import quantize
+from lightning_lowprec.quantizer import quantize
 
 FMT = "mxfp6_e2m3"
 

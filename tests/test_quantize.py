@@ -6,7 +6,6 @@ stochastic rounding; the straight-through wrapper; idempotence; errors; torch.co
 
 from __future__ import annotations
 
-import importlib
 import math
 import struct
 from contextlib import contextmanager
@@ -25,10 +24,11 @@ from mx_reference import (
     round_element,
 )
 
+import lightning_lowprec
+import lightning_lowprec.quantizer as quantize_module
 from lightning_lowprec.formats import FORMATS
-from lightning_lowprec.quantize import quantize, quantize_ste
+from lightning_lowprec.quantizer import quantize, quantize_ste
 
-quantize_module = importlib.import_module("lightning_lowprec.quantize")
 ALL_FORMATS = list(REFERENCE_FORMATS)
 MX_FORMATS = [name for name, f in REFERENCE_FORMATS.items() if not f.per_tensor]
 DETERMINISTIC = ["even", "nearest"]
@@ -883,3 +883,37 @@ def test_compiled_half_precision_ragged_blocks_match_eager():
     for name, g, e in zip(names, got, expected, strict=True):
         source = x_bf16 if name.startswith("bf16") else x_fp16
         assert_bitwise_equal(g, e, source, f"compiled {name}")
+
+
+@pytest.mark.slow
+def test_explicit_generator_breaks_the_graph_only_at_the_draw():
+    """Dynamo cannot trace a ``torch.Generator``: with one, the draw runs eagerly (graph breaks,
+    all at the ``torch.rand`` line); without one the whole call is one graph (``fullgraph``)
+    and reproducible from ``torch.manual_seed``."""
+    x = random_tensor((8, 64), seed=43)
+    gen = torch.Generator().manual_seed(0)
+    explained = torch._dynamo.explain(
+        lambda t: quantize(t, "mxfp8_e4m3", rounding="stochastic", generator=gen)
+    )(x)
+    assert explained.graph_break_count == 3
+    for reason in explained.break_reasons:
+        assert "torch.rand" in reason.user_stack[-1].line
+    compiled = torch.compile(
+        lambda t: quantize(t, "mxfp8_e4m3", rounding="stochastic"), fullgraph=True
+    )
+    torch.manual_seed(5)
+    first = compiled(x)
+    torch.manual_seed(5)
+    assert same_bits(compiled(x), first).all()
+    lower, upper = neighbours(x, "mxfp8_e4m3")
+    assert (same_bits(first, lower) | same_bits(first, upper)).all()
+
+
+def test_the_module_and_the_function_are_both_reachable():
+    """Issue 18: the function ``lightning_lowprec.quantize`` shadowed the module of the same
+    name, so ``import lightning_lowprec.quantize as m`` gave the function. The module is
+    ``lightning_lowprec.quantizer``."""
+    assert lightning_lowprec.quantize is quantize_module.quantize
+    assert callable(lightning_lowprec.quantize)
+    assert quantize_module.__name__ == "lightning_lowprec.quantizer"
+    assert quantize_module.SCALE_RULES == ("floor", "rceil")

@@ -38,7 +38,7 @@ import torch
 from lightning_lowprec.formats import FORMATS
 from lightning_lowprec.multipliers import PLACEMENTS
 from lightning_lowprec.nn import DEFAULT_EXCLUDE, check_format_map
-from lightning_lowprec.quantize import ROUNDING_MODES
+from lightning_lowprec.quantizer import ROUNDING_MODES
 from lightning_lowprec.scaled_mm import BACKENDS
 
 __all__ = [

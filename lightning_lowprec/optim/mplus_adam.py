@@ -42,7 +42,7 @@ from lightning_lowprec.optim.base import (
     use_foreach,
 )
 from lightning_lowprec.optim.counter_rng import derive_keys, random_words
-from lightning_lowprec.quantize import quantize
+from lightning_lowprec.quantizer import quantize
 
 __all__ = ["STORAGE_FORMATS", "MPlusAdam"]
 

@@ -1,5 +1,8 @@
 """Exact fake quantization to the OCP MX formats and per-tensor scaled FP8.
 
+The module is ``lightning_lowprec.quantizer``; its function ``quantize`` is re-exported as
+``lightning_lowprec.quantize`` (a module of that name would be shadowed by the function).
+
 ``quantize(x, fmt)`` returns a tensor of ``x``'s shape and dtype whose values lie on the
 format's grid, bit-for-bit what the OCP MX v1.0 specification prescribes (the test suite
 compares against a per-element transcription of the spec). It runs as a handful of
@@ -94,7 +97,11 @@ def quantize(
             Ignored by the per-tensor ``fp8_*`` formats.
         rounding: ``"even"``, ``"nearest"`` or ``"stochastic"`` (see the module docstring).
         generator: source of the uniform draws of stochastic rounding (default: torch's
-            global generator for ``x``'s device).
+            global generator for ``x``'s device). Dynamo cannot trace a ``torch.Generator``:
+            under ``torch.compile`` the draw with one runs eagerly, breaking the graph (three
+            breaks for one call, all at the draw); without one the call is a single graph
+            (``fullgraph=True`` works) drawing from Inductor's RNG, which
+            ``torch.manual_seed`` makes reproducible.
         scale_rule: an MX block's shared scale, ``"floor"`` (the spec's, default) or
             ``"rceil"`` (see the module docstring). Ignored by the per-tensor formats, whose
             scale is ``max / amax``.
