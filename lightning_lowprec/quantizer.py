@@ -179,10 +179,12 @@ def _in_slices(x: Tensor) -> bool:
     both, so the output is the one full-size allocation. Under ``torch.compile`` (Inductor
     fuses the passes into one kernel), on accelerators (whose caching allocators make buffers
     cheap) and when autograd records the ops (``out=`` kernels are not differentiable) the
-    plain graph runs instead.
+    plain graph runs instead; so it does for tensor subclasses (``DTensor``, fake tensors),
+    whose ``out=`` buffers this loop could not make.
     """
     return (
-        x.device.type == "cpu"
+        type(x) in (Tensor, torch.nn.Parameter)
+        and x.device.type == "cpu"
         and not torch.compiler.is_compiling()
         and not (x.requires_grad and torch.is_grad_enabled())
     )

@@ -516,6 +516,23 @@ def test_nan_blocks_hold_the_dtypes_default_nan(fmt, dtype, shape):
         assert (out.view(INT_VIEW[dtype])[nan] == default_nan).all()
 
 
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_tensor_subclasses_take_the_graph():
+    """The slice loop allocates plain tensors: a subclass (``DTensor``, say) keeps the graph."""
+    x = random_tensor((4, 64), seed=34)
+    assert not quantize_module._in_slices(x.as_subclass(_Subclass))
+    assert quantize_module._in_slices(x) and quantize_module._in_slices(nn_parameter(x))
+    out = quantize(x.as_subclass(_Subclass), "mxfp4_e2m1")
+    assert same_bits(out.as_subclass(torch.Tensor), quantize(x, "mxfp4_e2m1")).all()
+
+
+def nn_parameter(x):
+    return torch.nn.Parameter(x, requires_grad=False)
+
+
 def test_eager_path_keeps_autograd_working():
     """Inputs that need grad take the graph (``out=`` kernels are not differentiable)."""
     x = random_tensor((4, 64), seed=33).requires_grad_(True)
