@@ -167,8 +167,9 @@ def quantize_ste(
 
 
 _SLICE_ELEMENTS = 1 << 19
-"""Elements per slice on the CPU eager path: 1 MiB per fp32 scratch buffer, so that every pass
-over a slice runs from cache and the scratch is allocated once per call."""
+"""Elements per slice on the CPU eager path: 2 MiB per fp32 scratch buffer (fastest of 2**16 to
+2**20 on a 4096 x 4096 tensor here), so that the passes over a slice run from cache and the
+scratch is allocated once per call."""
 
 
 def _in_slices(x: Tensor) -> bool:
@@ -284,9 +285,7 @@ def _block_scales(
         biased = (d >> _F32_MANT_BITS) + (d & _F32_MANT_MASK).ne(0)
         biased = torch.where(d > _F32_MIN_SCALE_BITS, biased, 0)
     # Clamped to E8M0's range: shared_exp in [-127, 127].
-    biased = biased.clamp_(
-        E8M0_MIN_EXP + _F32_BIAS, E8M0_MAX_EXP + _F32_BIAS
-    )
+    biased = biased.clamp_(E8M0_MIN_EXP + _F32_BIAS, E8M0_MAX_EXP + _F32_BIAS)
     # A biased exponent of 0 gives the bits 0 (the value 0.0), which the clamp lifts to 2**-127.
     scale = (biased << _F32_MANT_BITS).clamp_(min=_F32_MIN_SCALE_BITS).view(torch.float32)
     inverse = ((2 * _F32_BIAS - biased) << _F32_MANT_BITS).clamp_(min=_F32_MIN_SCALE_BITS)
