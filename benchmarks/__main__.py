@@ -63,7 +63,7 @@ PEERS = {
     "optim": "torch.optim.AdamW(fused=True) step",
     "train_step": train_step.PEER,
 }
-COLUMNS = ["benchmark", "case", "ms", "peer", "peer ms", "x peer", "x fp32 AdamW",
+COLUMNS = ["benchmark", "case", "ms", "peer", "peer ms", "x peer", "x copy_", "x fp32 AdamW",
            "state B/param", "tokens/s", "peak RSS MB"]
 
 
@@ -86,8 +86,9 @@ def quantize_rows(settings: dict) -> list[dict]:
         for mode in ("eager", "compiled"):
             if r[f"ours {mode} ms"] is not None:
                 peer = f"{r['peer']} eager" if r["peer"] else None
-                out.append(row("quantize", f"{r['format']} {mode}", r[f"ours {mode} ms"], peer,
-                               r["peer ms"]))
+                case = f"{r['format']} {r['shape']} {r['dtype']} {mode}"
+                out.append(row("quantize", case, r[f"ours {mode} ms"], peer, r["peer ms"],
+                               **{"x copy_": r[f"{mode} / copy_"]}))
     return out
 
 

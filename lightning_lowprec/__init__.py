@@ -6,7 +6,7 @@ from lightning_lowprec.litgpt import placement as _litgpt_placement  # noqa: F40
 from lightning_lowprec.nn import QuantizedLinear, quantize_linears
 from lightning_lowprec.optim import LMD, Madam, MPlusAdam
 from lightning_lowprec.plugin import LowPrecision, LowPrecisionPlugin
-from lightning_lowprec.quantize import quantize, quantize_ste
+from lightning_lowprec.quantizer import quantize, quantize_ste
 
 __all__ = [
     "FORMATS",

@@ -51,7 +51,7 @@ from lightning_lowprec.nn import (
     check_format_map,
     layer_formats,
 )
-from lightning_lowprec.quantize import quantize
+from lightning_lowprec.quantizer import quantize
 
 __all__ = ["METADATA_KEY", "PackedLinear", "export_mx", "load_mx", "pack", "unpack"]
 
@@ -293,13 +293,10 @@ def unpack(
     padded = _blocks(values, fmt.block_size)
     scales = scales.unsqueeze(-1)
     scale = scales.view(torch.float8_e8m0fnu).float()
-    # NaN blocks as quantize writes them (the default NaN, not the scale's payload).
-    out = (padded * scale).masked_fill_(scales == _E8M0_NAN, torch.nan)
-    # Cast, then cut the padding, in quantize's order: CPU's vectorised fp32 -> bf16 cast
-    # writes NaN as 0xFFFF where the scalar one writes 0x7FC0, so the same buffer must go
-    # through the same cast for the NaN bits to match.
-    out = out.flatten(-2).to(dtype)[..., : shape[-1]]
-    return out.reshape(shape)
+    # NaN blocks as quantize writes them: the default NaN of ``dtype``, filled after the cast
+    # (CPU's vectorised fp32 -> bf16 cast writes NaN as 0xFFFF, the scalar one as 0x7FC0).
+    out = (padded * scale).to(dtype).masked_fill_(scales == _E8M0_NAN, torch.nan)
+    return out.flatten(-2)[..., : shape[-1]].reshape(shape)
 
 
 def _blocks(x: Tensor, block_size: int) -> Tensor:

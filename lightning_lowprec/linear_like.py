@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 
 from lightning_lowprec.formats import Format
 from lightning_lowprec.nn import QuantizedLinear, _matches
-from lightning_lowprec.quantize import Rounding
+from lightning_lowprec.quantizer import Rounding
 from lightning_lowprec.scaled_mm import Backend
 
 __all__ = ["keep_quantized_paths", "quantize_conv1ds", "warn_unquantized"]
@@ -77,6 +77,7 @@ def quantize_conv1ds(
     quantize_backward: bool,
     rounding: Rounding,
     backend: Backend,
+    grad_rounding: Rounding | None = None,
 ) -> list[str]:
     """Re-class the selected HF ``Conv1D`` layers of ``model`` in place (validated settings,
     the pattern rule of :func:`~lightning_lowprec.nn.quantize_linears`); return their names."""
@@ -87,7 +88,8 @@ def quantize_conv1ds(
         if not isinstance(module, QuantizedConv1D):
             cls = type(module)
             module.__class__ = type(f"Quantized{cls.__name__}", (QuantizedConv1D, cls), {})
-        module._configure(w_fmt, a_fmt, g_fmt, quantize_backward, rounding, backend)
+        module._configure(w_fmt, a_fmt, g_fmt, quantize_backward, rounding, backend,
+                          grad_rounding)
         selected.append(name)
     return selected
 

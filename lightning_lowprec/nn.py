@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_lowprec.formats import FORMATS, Format, parse
-from lightning_lowprec.quantize import ROUNDING_MODES, Rounding, quantize
+from lightning_lowprec.quantizer import ROUNDING_MODES, Rounding, quantize
 from lightning_lowprec.scaled_mm import Backend, check_backend, scaled_mm_linear, use_scaled_mm
 
 __all__ = ["FormatMap", "QuantizedLinear", "check_format_map", "layer_formats", "quantize_linears"]
@@ -100,6 +100,10 @@ class QuantizedLinear(nn.Linear):
         quantize_backward: quantize the backward matmuls too (see above).
         rounding: ``"even"``, ``"nearest"`` or ``"stochastic"``; see
             :func:`lightning_lowprec.quantize`.
+        grad_rounding: the rounding of the output gradient ``g`` (``None``: ``rounding``);
+            only with ``quantize_backward=True``. Round-to-nearest-even operands with
+            stochastic gradients (``rounding="even", grad_rounding="stochastic"``) is a
+            common MX training recipe: the gradient stays unbiased.
         backend: ``"emulated"`` (fake quantization, matmuls in the working dtype: any format,
             any device), ``"scaled_mm"`` (the same quantized operands as float8 tensors on FP8
             kernels, :mod:`lightning_lowprec.scaled_mm`: per-tensor FP8 on CUDA 8.9+ or CPU,
@@ -118,6 +122,7 @@ class QuantizedLinear(nn.Linear):
     g_fmt: Format | None
     quantize_backward: bool
     rounding: Rounding
+    grad_rounding: Rounding
     backend: Backend
 
     def __init__(
@@ -135,6 +140,7 @@ class QuantizedLinear(nn.Linear):
         quantize_backward: bool = False,
         rounding: Rounding = "even",
         backend: Backend = "auto",
+        grad_rounding: Rounding | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
         formats = _resolve_formats(fmt, w_fmt, a_fmt, g_fmt, quantize_backward)
@@ -143,6 +149,7 @@ class QuantizedLinear(nn.Linear):
             quantize_backward,
             _check_rounding(rounding),
             check_backend(backend, *formats),
+            _check_grad_rounding(grad_rounding, rounding, quantize_backward),
         )
 
     def _configure(
@@ -153,11 +160,13 @@ class QuantizedLinear(nn.Linear):
         quantize_backward: bool,
         rounding: Rounding,
         backend: Backend,
+        grad_rounding: Rounding | None = None,
     ) -> None:
         """Set the quantization settings (already validated); used on re-classed layers too."""
         self.w_fmt, self.a_fmt, self.g_fmt = w_fmt, a_fmt, g_fmt
         self.quantize_backward = quantize_backward
         self.rounding = rounding
+        self.grad_rounding = rounding if grad_rounding is None else grad_rounding
         self.backend = backend
         self._weight_cache = None  # see _cached_weight
 
@@ -189,12 +198,13 @@ class QuantizedLinear(nn.Linear):
         if use_scaled_mm(self.backend, x.device, self.w_fmt, self.a_fmt, self.g_fmt):
             return scaled_mm_linear(
                 _cast(x, dtype), _cast(weight, dtype), bias,
-                self.w_fmt, self.a_fmt, self.g_fmt, self.rounding,
+                self.w_fmt, self.a_fmt, self.g_fmt, self.rounding, self.grad_rounding,
             )
         if self.quantize_backward:
             return _QuantizedLinearFunction.apply(
                 x, weight, bias, _cached_weight(self, weight, dtype),
-                *_by_name(self.w_fmt, self.a_fmt, self.g_fmt), self.rounding, dtype,
+                *_by_name(self.w_fmt, self.a_fmt, self.g_fmt), self.rounding, self.grad_rounding,
+                dtype,
             )
         return _StraightThroughLinear.apply(
             x, weight, bias, _cached_weight(self, weight, dtype),
@@ -212,6 +222,8 @@ class QuantizedLinear(nn.Linear):
         extra = f", quantize_backward={self.quantize_backward}"
         if self.rounding != "even":
             extra += f", rounding={self.rounding}"
+        if self.grad_rounding != self.rounding:
+            extra += f", grad_rounding={self.grad_rounding}"
         if self.backend != "auto":
             extra += f", backend={self.backend}"
         return f"{super().extra_repr()}, {shown}{extra}"
@@ -265,10 +277,10 @@ class _QuantizedLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_q, w_fmt, a_fmt, g_fmt, rounding, dtype):
+    def forward(ctx, x, weight, bias, w_q, w_fmt, a_fmt, g_fmt, rounding, grad_rounding, dtype):
         w_fmt, a_fmt, g_fmt = parse(w_fmt), parse(a_fmt), parse(g_fmt)
         ctx.save_for_backward(x, weight)
-        ctx.settings = (w_fmt, a_fmt, g_fmt, rounding, dtype)
+        ctx.settings = (w_fmt, a_fmt, g_fmt, rounding, grad_rounding, dtype)
         ctx.has_bias = bias is not None
         x_q = _quantize_to(x, a_fmt, -1, rounding, dtype)
         if w_q is None:
@@ -278,21 +290,21 @@ class _QuantizedLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        w_fmt, a_fmt, g_fmt, rounding, dtype = ctx.settings
+        w_fmt, a_fmt, g_fmt, rounding, grad_rounding, dtype = ctx.settings
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             # dx = g @ W sums over out_features: g along its last axis, W (out, in) along 0.
             w_q = _quantize_to(weight, w_fmt, 0, rounding, dtype)
-            grad_x = (quantize(grad_out, g_fmt, -1, rounding) @ w_q).to(x.dtype)
+            grad_x = (quantize(grad_out, g_fmt, -1, grad_rounding) @ w_q).to(x.dtype)
         tokens_g = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[1]:
             # dW = g.T @ x sums over the tokens: both blocked along the (flattened) token axis.
             tokens_x = x.reshape(-1, x.shape[-1])
             x_q = _quantize_to(tokens_x, a_fmt, 0, rounding, dtype)
-            grad_w = (quantize(tokens_g, g_fmt, 0, rounding).T @ x_q).to(weight.dtype)
+            grad_w = (quantize(tokens_g, g_fmt, 0, grad_rounding).T @ x_q).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = tokens_g.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def _cached_weight(layer: nn.Module, weight: Tensor, dtype: torch.dtype | None) -> Tensor | None:
@@ -393,6 +405,7 @@ def quantize_linears(
     quantize_backward: bool = False,
     rounding: Rounding = "even",
     backend: Backend = "auto",
+    grad_rounding: Rounding | None = None,
 ) -> list[str]:
     """Turn the selected ``nn.Linear`` layers of ``model`` into :class:`QuantizedLinear`, in place.
 
@@ -417,7 +430,7 @@ def quantize_linears(
 
     Args:
         model: any ``nn.Module``.
-        fmt, w_fmt, a_fmt, g_fmt, quantize_backward, rounding, backend: as for
+        fmt, w_fmt, a_fmt, g_fmt, quantize_backward, rounding, backend, grad_rounding: as for
             :class:`QuantizedLinear`;
             ``fmt`` may also be a :data:`FormatMap` ``{pattern: format}`` giving each layer its
             own format (for all its operands; not combined with ``w_fmt``/``a_fmt``/``g_fmt``),
@@ -438,6 +451,7 @@ def quantize_linears(
             (except the default ``exclude``, which many models have no match for).
     """
     rounding = _check_rounding(rounding)
+    grad_rounding = _check_grad_rounding(grad_rounding, rounding, quantize_backward)
     if isinstance(fmt, Mapping):
         _check_mapping_alone(w_fmt, a_fmt, g_fmt)
         _check_quantize_backward(quantize_backward)
@@ -447,13 +461,13 @@ def quantize_linears(
                    for f in set(per_layer.values())}
         for name, f in per_layer.items():
             _configure(layers[name], (f, f, f if quantize_backward else None),
-                       quantize_backward, rounding, checked[f])
+                       quantize_backward, rounding, checked[f], grad_rounding)
         return list(per_layer)
     formats = _resolve_formats(fmt, w_fmt, a_fmt, g_fmt, quantize_backward)
     backend = check_backend(backend, *formats)
     linears, selected = _select(model, include, exclude, stacklevel=3)
     for name in selected:
-        _configure(linears[name], formats, quantize_backward, rounding, backend)
+        _configure(linears[name], formats, quantize_backward, rounding, backend, grad_rounding)
     return selected
 
 
@@ -523,11 +537,12 @@ def _configure(
     quantize_backward: bool,
     rounding: Rounding,
     backend: Backend,
+    grad_rounding: Rounding | None = None,
 ) -> None:
     """Make ``layer`` (an ``nn.Linear`` or ``QuantizedLinear``) quantize with these settings."""
     if not isinstance(layer, QuantizedLinear):
         layer.__class__ = _quantized_class(type(layer))
-    layer._configure(*formats, quantize_backward, rounding, backend)
+    layer._configure(*formats, quantize_backward, rounding, backend, grad_rounding)
 
 
 def _select(
@@ -642,6 +657,26 @@ def _check_rounding(rounding: str) -> Rounding:
             f"Unknown rounding {rounding!r}. Valid modes: {', '.join(ROUNDING_MODES)}."
         )
     return rounding
+
+
+def _check_grad_rounding(
+    grad_rounding: str | None, rounding: str, quantize_backward: bool
+) -> Rounding | None:
+    """``grad_rounding`` validated: a rounding mode, or ``None`` (the gradient takes
+    ``rounding``); only meaningful when the backward quantizes the gradient."""
+    if grad_rounding is None:
+        return None
+    if grad_rounding not in ROUNDING_MODES:
+        raise ValueError(
+            f"Unknown grad_rounding {grad_rounding!r}. Valid modes: "
+            f"{', '.join(ROUNDING_MODES)}, or None (the same as rounding={rounding!r})."
+        )
+    if quantize_backward is not True:
+        raise ValueError(
+            f"grad_rounding={grad_rounding!r} rounds the quantized output gradient, which only "
+            "quantize_backward=True quantizes; pass quantize_backward=True or drop it."
+        )
+    return grad_rounding
 
 
 def _check_patterns(arg: str, patterns: str | Sequence[str] | None) -> tuple[str, ...] | None:

@@ -39,6 +39,7 @@ from lightning_lowprec.linear_like import (
 from lightning_lowprec.nn import (
     DEFAULT_EXCLUDE,
     FormatMap,
+    _check_grad_rounding,
     _check_mapping_alone,
     _check_patterns,
     _check_rounding,
@@ -48,7 +49,7 @@ from lightning_lowprec.nn import (
 )
 from lightning_lowprec.optim.groups import without_multipliers
 from lightning_lowprec.posterior import is_posterior
-from lightning_lowprec.quantize import Rounding
+from lightning_lowprec.quantizer import Rounding
 from lightning_lowprec.sampling import PosteriorSampler
 from lightning_lowprec.scaled_mm import Backend, check_backend
 
@@ -60,6 +61,7 @@ _REPR_DEFAULTS = {
     "include": None,
     "quantize_backward": False,
     "rounding": "even",
+    "grad_rounding": None,
     "backend": "auto",
     "autocast": None,
     "param_dtype": None,
@@ -142,7 +144,11 @@ class LowPrecision(FabricPrecision):
         quantize_backward: also quantize the two backward matmuls (default: straight-through,
             backward in the working dtype, as the LMD paper).
         rounding: ``"even"`` (the MX spec's round-to-nearest-even), ``"nearest"`` or
-            ``"stochastic"``.
+            ``"stochastic"``: of the forward operands (and of the gradient unless
+            ``grad_rounding`` is given).
+        grad_rounding: the output gradients' rounding, ``None`` (default: ``rounding``) or a
+            mode; only with ``quantize_backward=True``. ``rounding="even",
+            grad_rounding="stochastic"`` is the common MX recipe (unbiased gradients).
         backend: ``"auto"`` (default: real FP8 matmuls where the GPU has them for the
             format, else emulated), ``"emulated"`` or ``"scaled_mm"``; see
             :class:`~lightning_lowprec.nn.QuantizedLinear`.
@@ -160,7 +166,8 @@ class LowPrecision(FabricPrecision):
             ablation). No effect on plain optimizers.
 
     Raises:
-        ValueError: an unknown format, rounding, autocast mode or param_dtype, ``autocast``
+        ValueError: an unknown format, rounding (or grad_rounding without
+            ``quantize_backward=True``), autocast mode or param_dtype, ``autocast``
             with ``param_dtype``, a format missing for one operand, or
             ``include``/``quantize_backward`` without a format; at setup, a model with no
             Linear layer selected.
@@ -189,6 +196,7 @@ class LowPrecision(FabricPrecision):
         device: str | None = None,
         sample: bool = True,
         param_dtype: Literal["bf16"] | None = None,
+        grad_rounding: Rounding | None = None,
     ) -> None:
         self.w_fmt: Format | None
         self.a_fmt: Format | None
@@ -214,6 +222,7 @@ class LowPrecision(FabricPrecision):
         self.exclude = _check_patterns("exclude", exclude)
         self.quantize_backward = quantize_backward
         self.rounding = _check_rounding(rounding)
+        self.grad_rounding = _check_grad_rounding(grad_rounding, rounding, quantize_backward)
         self.backend = check_backend(backend, self.w_fmt, self.a_fmt, self.g_fmt)
         for f in set((self.fmt_map or {}).values()) - {None}:
             check_backend(backend, f, f, f if quantize_backward else None)
@@ -273,6 +282,7 @@ class LowPrecision(FabricPrecision):
                 quantize_backward=self.quantize_backward,
                 rounding=self.rounding,
                 backend=self.backend,
+                grad_rounding=self.grad_rounding,
             )
             keep_quantized_paths(module)
             warn_unquantized(module, self.include, self.exclude)
@@ -288,6 +298,7 @@ class LowPrecision(FabricPrecision):
             quantize_backward=self.quantize_backward,
             rounding=self.rounding,
             backend=self.backend,
+            grad_rounding=self.grad_rounding,
         )
         conv1ds = quantize_conv1ds(module, **settings)
         try:
@@ -406,6 +417,7 @@ class LowPrecision(FabricPrecision):
             "exclude": list(self.exclude),
             "quantize_backward": self.quantize_backward,
             "rounding": self.rounding,
+            "grad_rounding": self.grad_rounding,
             "backend": self.backend,
             "autocast": self.autocast,
             "param_dtype": self.param_dtype,
@@ -488,7 +500,11 @@ class LowPrecisionPlugin(Precision, LowPrecision):
         quantize_backward: also quantize the two backward matmuls (default: straight-through,
             backward in the working dtype, as the LMD paper).
         rounding: ``"even"`` (the MX spec's round-to-nearest-even), ``"nearest"`` or
-            ``"stochastic"``.
+            ``"stochastic"``: of the forward operands (and of the gradient unless
+            ``grad_rounding`` is given).
+        grad_rounding: the output gradients' rounding, ``None`` (default: ``rounding``) or a
+            mode; only with ``quantize_backward=True``. ``rounding="even",
+            grad_rounding="stochastic"`` is the common MX recipe (unbiased gradients).
         backend: ``"auto"`` (default: real FP8 matmuls where the GPU has them for the
             format, else emulated), ``"emulated"`` or ``"scaled_mm"``; see
             :class:`~lightning_lowprec.nn.QuantizedLinear`.
@@ -504,7 +520,8 @@ class LowPrecisionPlugin(Precision, LowPrecision):
             cast to bf16). Not combined with ``autocast``.
 
     Raises:
-        ValueError: an unknown format, rounding, autocast mode or param_dtype, ``autocast``
+        ValueError: an unknown format, rounding (or grad_rounding without
+            ``quantize_backward=True``), autocast mode or param_dtype, ``autocast``
             with ``param_dtype``, a format missing for one operand, or
             ``include``/``quantize_backward`` without a format; at setup, a model with no
             Linear layer selected, or use outside a Trainer (e.g. ``L.Fabric(plugins=...)``).

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_lowprec.formats import E8M0_MAX_EXP, E8M0_MIN_EXP, Format
-from lightning_lowprec.quantize import Rounding, _tensor_amax_floor, quantize
+from lightning_lowprec.quantizer import Rounding, _tensor_amax_floor, quantize
 
 __all__ = ["BACKENDS", "Backend"]
 
@@ -114,6 +114,7 @@ def scaled_mm_linear(
     a_fmt: Format,
     g_fmt: Format | None,
     rounding: Rounding,
+    grad_rounding: Rounding | None = None,
 ) -> Tensor:
     """``F.linear`` on float8 operands: ``Q_a(x) @ Q_w(W).T + b`` in ``x``'s dtype.
 
@@ -121,9 +122,11 @@ def scaled_mm_linear(
     in the working dtype, from the float8 operands kept by the forward (one byte per element).
     With ``g_fmt`` both backward matmuls run on float8 too (``Q_g(g)``; ``fp8_e5m2`` is the
     usual gradient format), each quantized along its own reduction axis as in the emulation.
-    The bias is added in the working dtype.
+    The bias is added in the working dtype. ``grad_rounding`` rounds ``g`` (``None``:
+    ``rounding``).
     """
-    y = _ScaledMMLinear.apply(x, weight, w_fmt, a_fmt, g_fmt, rounding)
+    grad_rounding = rounding if grad_rounding is None else grad_rounding
+    y = _ScaledMMLinear.apply(x, weight, w_fmt, a_fmt, g_fmt, rounding, grad_rounding)
     return y if bias is None else y + bias
 
 
@@ -131,10 +134,10 @@ class _ScaledMMLinear(torch.autograd.Function):
     """``Q_a(x) @ Q_w(W).T`` on float8 kernels, with the backward of :func:`scaled_mm_linear`."""
 
     @staticmethod
-    def forward(ctx, x, weight, w_fmt, a_fmt, g_fmt, rounding):
+    def forward(ctx, x, weight, w_fmt, a_fmt, g_fmt, rounding, grad_rounding):
         tokens = x.reshape(-1, x.shape[-1])
         a, b = quantize_operand(tokens, a_fmt, rounding), quantize_operand(weight, w_fmt, rounding)
-        ctx.settings = (w_fmt, a_fmt, g_fmt, rounding, x.shape, x.dtype)
+        ctx.settings = (w_fmt, a_fmt, g_fmt, rounding, grad_rounding, x.shape, x.dtype)
         if g_fmt is None:
             ctx.save_for_backward(*a, *b)
         else:
@@ -143,7 +146,7 @@ class _ScaledMMLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        w_fmt, a_fmt, g_fmt, rounding, shape, dtype = ctx.settings
+        w_fmt, a_fmt, g_fmt, rounding, grad_rounding, shape, dtype = ctx.settings
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_w = None
         if g_fmt is None:
@@ -153,19 +156,19 @@ class _ScaledMMLinear(torch.autograd.Function):
                 grad_x = (grad.to(dtype) @ w_q).reshape(shape)
             if ctx.needs_input_grad[1]:
                 grad_w = grad.T.to(dtype) @ _dequantize(a_el, a_sc, a_fmt, shape[-1], dtype)
-            return grad_x, grad_w, None, None, None, None
+            return grad_x, grad_w, None, None, None, None, None
         tokens, weight = ctx.saved_tensors
-        g = quantize_operand(grad, g_fmt, rounding)
+        g = quantize_operand(grad, g_fmt, grad_rounding)
         if ctx.needs_input_grad[0]:
             # dx = g @ W sums over out_features: W.T's rows are blocked along it.
             w_t = quantize_operand(weight.T.contiguous(), w_fmt, rounding)
             grad_x = _matmul(g, w_t, g_fmt, weight.shape[1], dtype).reshape(shape)
         if ctx.needs_input_grad[1]:
             # dW = g.T @ x sums over the tokens: both transposed, blocked along the tokens.
-            g_t = quantize_operand(grad.T.contiguous(), g_fmt, rounding)
+            g_t = quantize_operand(grad.T.contiguous(), g_fmt, grad_rounding)
             x_t = quantize_operand(tokens.T.contiguous(), a_fmt, rounding)
             grad_w = _matmul(g_t, x_t, g_fmt, tokens.shape[1], weight.dtype)
-        return grad_x, grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None
 
 
 def quantize_operand(t: Tensor, fmt: Format, rounding: Rounding) -> tuple[Tensor, Tensor]:

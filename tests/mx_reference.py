@@ -1,6 +1,6 @@
 """A slow, per-element reference for the MX / FP8 fake quantizer, written from the spec.
 
-This is the test oracle for ``lightning_lowprec.quantize``. It deliberately shares nothing with
+This is the test oracle for ``lightning_lowprec.quantizer``. It deliberately shares nothing with
 the implementation: the format constants are hard-coded here (a test checks they agree with
 ``lightning_lowprec.formats.FORMATS``), every value is a Python float, and every element is
 handled on its own, one operation at a time, so a reader can check each line against the text of
@@ -15,7 +15,9 @@ index 0; a shorter last block is logically zero-padded):
 2. A NaN or +-inf anywhere in the block makes every element of the block NaN.
 3. ``amax = max |x_i|``; ``shared_exp = clamp(floor(log2(amax)) - emax, -127, 127)``, with
    ``floor(log2)`` of the exact value (fp32 subnormals included). An all-zero block stays zero,
-   each output keeping its input's sign.
+   each output keeping its input's sign. Scale rule ``"rceil"`` (NVIDIA's for MXFP8, not in
+   the spec) instead takes ``d = f32(amax / max)`` and ``shared_exp = clamp(ceil(log2(d)),
+   -127, 127)`` (``-127`` for ``d = 0``).
 4. ``v_i = x_i / 2**shared_exp`` (exact).
 5. Float elements: ``e_i = max(floor(log2|v_i|), emin)``, quantum ``q_i = 2**(e_i - mbits)``,
    ``k = round(|v_i| / q_i)``, ``r = min(k * q_i, max)`` (saturation),
@@ -84,6 +86,7 @@ REFERENCE_FORMATS: dict[str, RefFormat] = {
 }
 
 ROUNDING_MODES = ("even", "nearest", "stochastic")
+SCALE_RULES = ("floor", "rceil")
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +113,12 @@ def floor_log2(v: float) -> int:
     assert v > 0 and math.isfinite(v)
     _, e = math.frexp(v)  # v = m * 2**e with 0.5 <= m < 1
     return e - 1
+
+
+def ceil_log2(v: float) -> int:
+    """``ceil(log2(v))`` of the exact value of a positive finite float (subnormals too)."""
+    m, e = math.frexp(v)  # v = m * 2**e with 0.5 <= m < 1
+    return e - 1 if m == 0.5 else e
 
 
 def round_magnitude(a: float, rounding: str, u: float | None = None) -> float:
@@ -152,13 +161,25 @@ def round_element(v: float, fmt: RefFormat, rounding: str, u: float | None = Non
 # --------------------------------------------------------------------------------------------
 
 
-def _mx_block(block: list[float], fmt: RefFormat, rounding: str, rand: list[float] | None):
+def shared_exponent(amax: float, fmt: RefFormat, scale_rule: str) -> int:
+    """The block's shared exponent before E8M0's clamp, for ``amax > 0``."""
+    if scale_rule == "floor":
+        return floor_log2(amax) - fmt.emax
+    if scale_rule == "rceil":
+        d = f32(amax / fmt.max)
+        return SCALE_EXP_MIN if d == 0 else ceil_log2(d)
+    raise ValueError(f"unknown scale rule {scale_rule!r}")
+
+
+def _mx_block(
+    block: list[float], fmt: RefFormat, rounding: str, rand: list[float] | None, scale_rule: str
+):
     if any(math.isnan(x) or math.isinf(x) for x in block):
         return [math.nan] * len(block)
     amax = max(abs(x) for x in block)
     if amax == 0:
         return [math.copysign(0.0, x) for x in block]
-    shared_exp = floor_log2(amax) - fmt.emax
+    shared_exp = shared_exponent(amax, fmt, scale_rule)
     shared_exp = min(max(shared_exp, SCALE_EXP_MIN), SCALE_EXP_MAX)
     scale = 2.0**shared_exp  # exact in double: 2**-127 .. 2**127
     out = []
@@ -186,7 +207,11 @@ def _per_tensor(values: list[float], fmt: RefFormat, rounding: str, rand: list[f
 
 
 def reference_quantize(
-    values: list[float], fmt_name: str, rounding: str, rand: list[float] | None = None
+    values: list[float],
+    fmt_name: str,
+    rounding: str,
+    rand: list[float] | None = None,
+    scale_rule: str = "floor",
 ) -> list[float]:
     """Fake-quantize one 1-D group of exact fp32 values; returns exact values as Python floats.
 
@@ -195,7 +220,7 @@ def reference_quantize(
     holds one uniform draw in ``[0, 1]`` per value for ``rounding="stochastic"``.
 
     The values returned for fp32 inputs are the exact results; for bf16 / fp16 inputs cast them
-    with :func:`to_dtype`.
+    with :func:`to_dtype`. ``scale_rule`` applies to the MX formats only.
     """
     fmt = REFERENCE_FORMATS[fmt_name]
     if rounding not in ROUNDING_MODES:
@@ -208,7 +233,8 @@ def reference_quantize(
     out: list[float] = []
     for start in range(0, len(values), BLOCK_SIZE):
         block_rand = None if rand is None else rand[start : start + BLOCK_SIZE]
-        out.extend(_mx_block(values[start : start + BLOCK_SIZE], fmt, rounding, block_rand))
+        block = values[start : start + BLOCK_SIZE]
+        out.extend(_mx_block(block, fmt, rounding, block_rand, scale_rule))
     return out
 
 
@@ -229,6 +255,7 @@ def reference_quantize_tensor(
     axis: int = -1,
     rounding: str = "even",
     rand: torch.Tensor | None = None,
+    scale_rule: str = "floor",
 ) -> torch.Tensor:
     """Apply :func:`reference_quantize` to a tensor: per line along ``axis`` (MX) or as a whole.
 
@@ -241,7 +268,7 @@ def reference_quantize_tensor(
     if fmt.per_tensor or x.dim() == 0:
         flat = exact.reshape(-1).tolist()
         flat_rand = None if rand is None else rand.reshape(-1).tolist()
-        out = reference_quantize(flat, fmt_name, rounding, flat_rand)
+        out = reference_quantize(flat, fmt_name, rounding, flat_rand, scale_rule)
         return to_dtype(out, x.dtype).reshape(x.shape)
     axis = axis % x.dim()
     lines = exact.movedim(axis, -1)
@@ -251,7 +278,7 @@ def reference_quantize_tensor(
     out = []
     for i, line in enumerate(lines.tolist()):
         line_rand = None if rand_lines is None else rand_lines[i]
-        out.append(reference_quantize(line, fmt_name, rounding, line_rand))
+        out.append(reference_quantize(line, fmt_name, rounding, line_rand, scale_rule))
     result = to_dtype([v for line in out for v in line], x.dtype)
     return result.reshape(moved_shape).movedim(-1, axis).contiguous()
 

@@ -33,7 +33,7 @@ from lightning_lowprec.callbacks import FabricNormMonitor, NormMonitor
 from lightning_lowprec.callbacks.monitor import _quantization_sums, _Recorder
 from lightning_lowprec.multipliers import add_multipliers
 from lightning_lowprec.optim.groups import is_multiplier, param_groups
-from lightning_lowprec.quantize import quantize
+from lightning_lowprec.quantizer import quantize
 
 FMT = "mxfp6_e2m3"
 EVERY = 2

@@ -22,7 +22,7 @@ from lightning_lowprec.multipliers import (
 )
 from lightning_lowprec.nn import QuantizedLinear, quantize_linears
 from lightning_lowprec.optim.groups import is_multiplier, param_groups
-from lightning_lowprec.quantize import quantize
+from lightning_lowprec.quantizer import quantize
 
 BLOCK_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 PAPER_LAYERS = ["transformer.wte"] + [

@@ -22,7 +22,7 @@ from lightning_lowprec import LMD
 from lightning_lowprec import nn as nn_module
 from lightning_lowprec.formats import FORMATS
 from lightning_lowprec.nn import QuantizedLinear, quantize_linears
-from lightning_lowprec.quantize import quantize
+from lightning_lowprec.quantizer import quantize
 
 FMT = "mxfp6_e2m3"
 MX_FORMATS = [name for name, f in FORMATS.items() if f.scaling == "block"]

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_lowprec import LMD, LowPrecision, LowPrecisionPlugin, MPlusAdam, QuantizedLinear
-from lightning_lowprec.quantize import quantize
+from lightning_lowprec.quantizer import quantize
 
 FMT = "mxfp6_e2m3"
 SETTINGS_CHANGED = "checkpoint was saved with other LowPrecisionPlugin settings"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import struct
+from contextlib import contextmanager
+from unittest import mock
 
 import pytest
 import torch
@@ -22,8 +24,10 @@ from mx_reference import (
     round_element,
 )
 
+import lightning_lowprec
+import lightning_lowprec.quantizer as quantize_module
 from lightning_lowprec.formats import FORMATS
-from lightning_lowprec.quantize import quantize, quantize_ste
+from lightning_lowprec.quantizer import quantize, quantize_ste
 
 ALL_FORMATS = list(REFERENCE_FORMATS)
 MX_FORMATS = [name for name, f in REFERENCE_FORMATS.items() if not f.per_tensor]
@@ -71,13 +75,16 @@ def assert_bitwise_equal(actual, expected, x, context=""):
         )
 
 
-def check(x, fmt, axis=-1, rounding="even"):
+def check(x, fmt, axis=-1, rounding="even", scale_rule="floor"):
     """quantize(x) equals the reference bit for bit, and leaves x untouched."""
     before = x.clone()
-    actual = quantize(x, fmt, axis=axis, rounding=rounding)
+    actual = quantize(x, fmt, axis=axis, rounding=rounding, scale_rule=scale_rule)
     assert same_bits(x, before).all(), "quantize modified its input"
-    expected = reference_quantize_tensor(x, fmt, axis=axis, rounding=rounding)
-    assert_bitwise_equal(actual, expected, x, f"{fmt} axis={axis} rounding={rounding}")
+    expected = reference_quantize_tensor(
+        x, fmt, axis=axis, rounding=rounding, scale_rule=scale_rule
+    )
+    context = f"{fmt} axis={axis} rounding={rounding} scale_rule={scale_rule}"
+    assert_bitwise_equal(actual, expected, x, context)
     return actual
 
 
@@ -449,6 +456,172 @@ def test_hypothesis_matches_reference(args):
     check(x, fmt, axis=axis, rounding=rounding)
 
 
+@contextmanager
+def slice_elements(n):
+    """Run the CPU eager path in slices of ``n`` elements (default 2**19), to reach its loop."""
+    with mock.patch.object(quantize_module, "_SLICE_ELEMENTS", n):
+        yield
+
+
+@contextmanager
+def graph_path():
+    """Run the plain graph (what compile, CUDA and autograd use) eagerly on CPU."""
+    with mock.patch.object(quantize_module, "_in_slices", lambda x: False):
+        yield
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(quantize_inputs(), st.sampled_from([1, 7, 32, 100, 1000]))
+def test_hypothesis_slice_loop_matches_reference(args, limit):
+    """Slices of every size (one block-column of rows, part of a row, part of ``after``)."""
+    x, fmt, axis, rounding = args
+    with slice_elements(limit):
+        check(x, fmt, axis=axis, rounding=rounding)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(quantize_inputs())
+def test_hypothesis_graph_path_matches_reference(args):
+    x, fmt, axis, rounding = args
+    with graph_path():
+        check(x, fmt, axis=axis, rounding=rounding)
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+@pytest.mark.parametrize("shape,axis", [((70, 100), -1), ((3, 70, 50), 1), ((65, 3, 40), 0)])
+def test_slice_loop_cuts_rows_blocks_and_columns(fmt, shape, axis):
+    x = random_tensor(shape, seed=31)
+    x.view(-1)[17] = math.nan
+    for limit in (40, 300, 5000):
+        with slice_elements(limit):
+            check(x, fmt, axis=axis)
+            check(x.to(torch.bfloat16), fmt, axis=axis, rounding="nearest")
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxint8", "fp8_e4m3"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 1), (3, 40), (64, 100)])
+def test_nan_blocks_hold_the_dtypes_default_nan(fmt, dtype, shape):
+    """On both paths, so that ``export.unpack`` can reproduce them bit for bit: CPU's
+    vectorised fp32 -> bf16 cast writes NaN as 0xFFFF, the scalar one (and fill) 0x7FC0."""
+    x = random_tensor(shape, seed=32, dtype=dtype)
+    x.view(-1)[0] = math.nan
+    default_nan = torch.tensor(math.nan, dtype=dtype).view(INT_VIEW[dtype])
+    eager = quantize(x, fmt)
+    with graph_path():
+        graph = quantize(x, fmt)
+    for out in (eager, graph):
+        nan = torch.isnan(out)
+        assert nan.any()
+        assert (out.view(INT_VIEW[dtype])[nan] == default_nan).all()
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_tensor_subclasses_take_the_graph():
+    """The slice loop allocates plain tensors: a subclass (``DTensor``, say) keeps the graph."""
+    x = random_tensor((4, 64), seed=34)
+    assert not quantize_module._in_slices(x.as_subclass(_Subclass))
+    assert quantize_module._in_slices(x) and quantize_module._in_slices(nn_parameter(x))
+    out = quantize(x.as_subclass(_Subclass), "mxfp4_e2m1")
+    assert same_bits(out.as_subclass(torch.Tensor), quantize(x, "mxfp4_e2m1")).all()
+
+
+def nn_parameter(x):
+    return torch.nn.Parameter(x, requires_grad=False)
+
+
+def test_eager_path_keeps_autograd_working():
+    """Inputs that need grad take the graph (``out=`` kernels are not differentiable)."""
+    x = random_tensor((4, 64), seed=33).requires_grad_(True)
+    y = quantize(x, "mxfp6_e3m2")
+    assert y.requires_grad
+    assert same_bits(y.detach(), quantize(x.detach(), "mxfp6_e3m2")).all()
+
+
+# --------------------------------------------------------------------------------------------
+# (b') The RCEIL shared-scale rule
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CORNER_NAMES)
+@pytest.mark.parametrize("fmt", MX_FORMATS)
+def test_rceil_corner_cases(case, fmt):
+    x = torch.tensor(corner_lines(fmt)[case], dtype=torch.float32)
+    check(x, fmt, scale_rule="rceil")
+    check(x.to(torch.bfloat16), fmt, rounding="nearest", scale_rule="rceil")
+
+
+def rceil_edges(fmt_name):
+    """Block maxima at, one ulp either side of, and between ``max * 2**k``, so that
+    ``f32(amax / max)`` is, or just misses, a power of two; and the subnormal quotients."""
+    top = REFERENCE_FORMATS[fmt_name].max
+    lines = []
+    for k in (-130, -127, -126, -60, -3, 0, 5, 100):
+        for amax in (top * 2.0**k, f32_step(top * 2.0**k, 1), f32_step(top * 2.0**k, -1),
+                     1.5 * top * 2.0**k):
+            amax = f32(amax)
+            if 0 < amax < FP32_MAX:
+                lines.append([amax] + [f32(amax * (i - 15) / 17) for i in range(31)])
+    return torch.tensor(lines, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("fmt", MX_FORMATS)
+def test_rceil_edges_of_the_ceiling(fmt):
+    for rounding in DETERMINISTIC:
+        out = check(rceil_edges(fmt), fmt, rounding=rounding, scale_rule="rceil")
+        assert torch.isfinite(out).all()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(quantize_inputs(formats=MX_FORMATS))
+def test_hypothesis_rceil_matches_reference(args):
+    x, fmt, axis, rounding = args
+    check(x, fmt, axis=axis, rounding=rounding, scale_rule="rceil")
+    with slice_elements(100):
+        check(x, fmt, axis=axis, rounding=rounding, scale_rule="rceil")
+
+
+def test_rceil_matches_torchao_mxfp8_e4m3_bitwise():
+    """torchao's ``ScaleCalculationMode.RCEIL`` (its eager fallback of NVIDIA's
+    ``cvt.rp.satfinite.ue8m0``) on finite blocks with ``f32(amax / 448) > 2**-127`` (below,
+    torchao leaves the elements unscaled for the scale 2**-127, which flushes them)."""
+    mx_tensor = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
+    config = pytest.importorskip("torchao.prototype.mx_formats.config")
+    gen = torch.Generator().manual_seed(41)
+    x = torch.randn(256, 1024, generator=gen)
+    x *= torch.exp2(torch.randint(-40, 40, (256, 32, 1), generator=gen).float()).repeat_interleave(
+        32, dim=1).reshape(256, 1024)
+    edges = rceil_edges("mxfp8_e4m3")
+    edges = edges[edges.abs().amax(1) / 448 > 2.0**-127]
+    x[: len(edges), :32] = edges
+    x[len(edges), :32] = 0.0
+    peer = mx_tensor.MXTensor.to_mx(
+        x, torch.float8_e4m3fn, 32, scaling_mode=config.ScaleCalculationMode.RCEIL
+    ).dequantize(torch.float32)
+    assert_bitwise_equal(quantize(x, "mxfp8_e4m3", scale_rule="rceil"), peer, x, "rceil")
+
+
+def test_rceil_is_more_accurate_on_randn():
+    """The numbers of issue 18: relative MSE 8.6e-4 (floor) vs 7.1e-4 (rceil), MXFP8 E4M3."""
+    x = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
+
+    def relative_mse(rule):
+        q = quantize(x, "mxfp8_e4m3", scale_rule=rule)
+        return ((q - x).square().sum() / x.square().sum()).item()
+
+    assert relative_mse("floor") == pytest.approx(8.6e-4, rel=0.02)
+    assert relative_mse("rceil") == pytest.approx(7.1e-4, rel=0.02)
+
+
+def test_scale_rule_is_ignored_by_per_tensor_formats():
+    x = random_tensor((4, 40), seed=42)
+    for fmt in ("fp8_e4m3", "fp8_e5m2"):
+        assert same_bits(quantize(x, fmt, scale_rule="rceil"), quantize(x, fmt)).all()
+
+
 # --------------------------------------------------------------------------------------------
 # (c) Stochastic rounding
 # --------------------------------------------------------------------------------------------
@@ -672,6 +845,13 @@ def test_unsupported_dtypes_raise_value_error(dtype, fmt):
     assert str(dtype) in str(info.value)
 
 
+def test_unknown_scale_rule_names_valid_rules():
+    for bad in ["ceil", "RCEIL", "", None]:
+        with pytest.raises(ValueError, match="floor, rceil") as info:
+            quantize(torch.ones(4), "mxfp8_e4m3", scale_rule=bad)
+        assert repr(bad) in str(info.value)
+
+
 @pytest.mark.parametrize("axis", [2, -3, 10])
 def test_bad_axis(axis):
     with pytest.raises((IndexError, ValueError)):
@@ -684,7 +864,9 @@ def test_bad_axis(axis):
 
 
 def _all_formats(x):
-    return [quantize(x, name, axis=0) for name in ALL_FORMATS]
+    return [quantize(x, name, axis=0) for name in ALL_FORMATS] + [
+        quantize(x, name, axis=0, scale_rule="rceil") for name in MX_FORMATS
+    ]
 
 
 @pytest.mark.slow
@@ -695,8 +877,8 @@ def test_compiled_matches_eager():
     x[40:72, 3] = 0.0
     x[80, 100] = 1e-40
     compiled = torch.compile(_all_formats, dynamic=False)
-    for name, got in zip(ALL_FORMATS, compiled(x), strict=True):
-        expected = quantize(x, name, axis=0)
+    names = ALL_FORMATS + [f"{name} rceil" for name in MX_FORMATS]
+    for name, got, expected in zip(names, compiled(x), _all_formats(x), strict=True):
         assert_bitwise_equal(got, expected, x, f"compiled {name}")
 
 
@@ -718,3 +900,39 @@ def test_compiled_half_precision_ragged_blocks_match_eager():
     for name, g, e in zip(names, got, expected, strict=True):
         source = x_bf16 if name.startswith("bf16") else x_fp16
         assert_bitwise_equal(g, e, source, f"compiled {name}")
+
+
+@pytest.mark.slow
+def test_explicit_generator_breaks_the_graph_only_at_the_draw():
+    """Dynamo cannot trace a ``torch.Generator``: with one, the draw runs eagerly (graph breaks,
+    all at the ``torch.rand`` line); without one the whole call is one graph (``fullgraph``)
+    and reproducible from ``torch.manual_seed``."""
+    x = random_tensor((8, 64), seed=43)
+    gen = torch.Generator().manual_seed(0)
+    explained = torch._dynamo.explain(
+        lambda t: quantize(t, "mxfp8_e4m3", rounding="stochastic", generator=gen)
+    )(x)
+    assert explained.graph_break_count == 3
+    for reason in explained.break_reasons:
+        frame = reason.user_stack[-1]  # the draw (its line, or its out= line, by context)
+        assert frame.name == "_round_elements_" and "draws" in frame.line + reason.reason
+        assert "Generator" in reason.reason
+    compiled = torch.compile(
+        lambda t: quantize(t, "mxfp8_e4m3", rounding="stochastic"), fullgraph=True
+    )
+    torch.manual_seed(5)
+    first = compiled(x)
+    torch.manual_seed(5)
+    assert same_bits(compiled(x), first).all()
+    lower, upper = neighbours(x, "mxfp8_e4m3")
+    assert (same_bits(first, lower) | same_bits(first, upper)).all()
+
+
+def test_the_module_and_the_function_are_both_reachable():
+    """Issue 18: the function ``lightning_lowprec.quantize`` shadowed the module of the same
+    name, so ``import lightning_lowprec.quantize as m`` gave the function. The module is
+    ``lightning_lowprec.quantizer``."""
+    assert lightning_lowprec.quantize is quantize_module.quantize
+    assert callable(lightning_lowprec.quantize)
+    assert quantize_module.__name__ == "lightning_lowprec.quantizer"
+    assert quantize_module.SCALE_RULES == ("floor", "rceil")

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from lightning_lowprec import LowPrecision, LowPrecisionPlugin, QuantizedLinear, quantize
 from lightning_lowprec.formats import parse
 from lightning_lowprec.nn import quantize_linears
-from lightning_lowprec.quantize import _tensor_amax_floor
+from lightning_lowprec.quantizer import _tensor_amax_floor
 from lightning_lowprec.scaled_mm import _swizzle, quantize_operand, scaled_mm_linear, use_scaled_mm
 
 TENSORWISE = ["fp8_e4m3", "fp8_e5m2"]

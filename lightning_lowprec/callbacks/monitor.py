@@ -121,7 +121,7 @@ from lightning_lowprec.optim.groups import is_multiplier
 from lightning_lowprec.optim.lmd import LMD
 from lightning_lowprec.optim.sharded import global_sums, local
 from lightning_lowprec.posterior import params_of
-from lightning_lowprec.quantize import Rounding, _exp2, quantize
+from lightning_lowprec.quantizer import Rounding, _exp2, quantize
 
 __all__ = ["FabricNormMonitor", "NormMonitor"]
 

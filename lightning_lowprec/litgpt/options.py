@@ -39,7 +39,7 @@ import torch
 from lightning_lowprec.formats import FORMATS
 from lightning_lowprec.multipliers import PLACEMENTS
 from lightning_lowprec.nn import DEFAULT_EXCLUDE, check_format_map
-from lightning_lowprec.quantize import ROUNDING_MODES
+from lightning_lowprec.quantizer import ROUNDING_MODES
 from lightning_lowprec.scaled_mm import BACKENDS
 
 __all__ = [
@@ -75,6 +75,8 @@ class LowPrecOptions:
         include: module-name patterns of the Linear layers to quantize (``None``: all).
         exclude: module-name patterns kept in full precision (default: the LM head).
         rounding: ``"even"``, ``"nearest"`` or ``"stochastic"``.
+        grad_rounding: the output gradients' rounding (``null``: ``rounding``); only with
+            ``quantize_backward``, e.g. ``even`` operands with ``stochastic`` gradients.
         quantize_backward: quantize the backward matmuls too.
         backend: ``"auto"`` (real FP8 matmuls where the GPU has them for ``fmt``, else
             emulated), ``"emulated"`` or ``"scaled_mm"``; see
@@ -114,6 +116,7 @@ class LowPrecOptions:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     rounding: str = "even"
+    grad_rounding: str | None = None
     quantize_backward: bool = False
     backend: str = "auto"
     optimizer: dict[str, Any] | None = None
@@ -134,6 +137,15 @@ class LowPrecOptions:
             raise ValueError(_choices("fmt", self.fmt, [None, *FORMATS]))
         if self.rounding not in ROUNDING_MODES:
             raise ValueError(_choices("rounding", self.rounding, ROUNDING_MODES))
+        if self.grad_rounding is not None and self.grad_rounding not in ROUNDING_MODES:
+            raise ValueError(
+                _choices("grad_rounding", self.grad_rounding, [None, *ROUNDING_MODES])
+            )
+        if self.grad_rounding is not None and self.quantize_backward is not True:
+            raise ValueError(
+                f"lowprec.grad_rounding: {self.grad_rounding!r} rounds the quantized gradient; "
+                "it needs lowprec.quantize_backward: true."
+            )
         if self.backend not in BACKENDS:
             raise ValueError(_choices("backend", self.backend, BACKENDS))
         if self.multipliers is not None and self.multipliers not in PLACEMENTS:
@@ -251,7 +263,8 @@ def resume_changes(
         warnings.append(changed("optimizer"))
     warnings += [
         changed(k)
-        for k in ("fmt", "include", "exclude", "rounding", "quantize_backward", "sample")
+        for k in ("fmt", "include", "exclude", "rounding", "grad_rounding",
+                  "quantize_backward", "sample")
         if before[k] != now[k]
     ]
     return errors, warnings

@@ -687,6 +687,7 @@ class RecipeFabric(L.Fabric):
             include=options.include,
             exclude=options.exclude,
             rounding=options.rounding,
+            grad_rounding=options.grad_rounding,
             quantize_backward=options.quantize_backward,
             backend=options.backend,
             sample=options.sample,

@@ -44,7 +44,7 @@ from lightning_lowprec.optim.base import (
 )
 from lightning_lowprec.optim.counter_rng import derive_keys
 from lightning_lowprec.optim.rounding import stochastic_bf16
-from lightning_lowprec.quantize import quantize
+from lightning_lowprec.quantizer import quantize
 
 __all__ = ["STORAGE_FORMATS", "MPlusAdam"]
 
