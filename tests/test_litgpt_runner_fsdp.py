@@ -54,10 +54,15 @@ def launch(default: dict[str, Path], out: Path, *extra: str) -> subprocess.Compl
         # construction depends on how the strategy builds the model.
         "--lowprec.optimizer.init_args.seed", "3", "--lowprec.progress_bar", "false", *extra,
     ]
+    return console("finetune_full", args, out)
+
+
+def console(command: str, args: list[str], out: Path) -> subprocess.CompletedProcess:
+    """``python -m lightning_lowprec.litgpt COMMAND ARGS``, as a user starts it; must succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_lowprec.litgpt", "finetune_full", *args],
+        [sys.executable, "-m", "lightning_lowprec.litgpt", command, *args],
         env=env, capture_output=True, text=True, timeout=900, cwd=out.parent,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -164,3 +169,71 @@ def test_the_base_checkpoint_loads_into_the_shards_exactly(default, tmp_path):
     from file_spawn import spawn
 
     spawn(load_on_rank, tmp_path, str(default["checkpoint"]))
+
+
+def pretrain_multipliers(default: dict[str, Path], out: Path, *extra: str) -> None:
+    """``pretrain`` with LMD, MXFP4 and the paper's multipliers, 2 steps of 2 x 4 sequences of
+    128 tokens on 2 processes, a checkpoint every step."""
+    recipe = "pretrain-lmd-mxfp4-multipliers"
+    console("pretrain", [
+        "--config", recipe, *tiny_overrides(recipe), "--out_dir", str(out),
+        "--tokenizer_dir", str(default["checkpoint"]),
+        "--data.train_data_path", str(default["text_train"]),
+        "--data.val_data_path", str(default["text_val"]),
+        "--devices", "2", "--accelerator", "cpu",
+        "--train.micro_batch_size", "4", "--train.max_tokens", str(STEPS * 8 * 128),
+        "--train.save_interval", "1", "--train.lr_warmup_steps", "1",
+        "--eval.interval", "1000", "--eval.max_iters", "1",
+        "--lowprec.optimizer.init_args.seed", "3", "--lowprec.progress_bar", "false", *extra,
+    ], out)
+
+
+def test_pretrain_with_multipliers_saves_merged_checkpoints_and_resumes_exactly(default,
+                                                                               tmp_path):
+    """FSDP2's full checkpoints go through FabricMergeMultipliers: the merged weights load into
+    a fresh litgpt.GPT with strict=True and compute the multiplied model's logits, and
+    --resume un-merges them into the shards, reaching the uninterrupted run bit for bit."""
+    from litgpt import GPT, Config
+
+    from lightning_lowprec.callbacks import FACTORS_KEY, unmerge_checkpoint
+    from lightning_lowprec.multipliers import add_multipliers
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    pretrain_multipliers(default, whole)
+    summary = json.loads((whole / SUMMARY_FILE).read_text())
+    assert summary["strategy"] == "ModelParallelStrategy" and summary["steps"] == STEPS
+    final = whole / "final"
+    checkpoint = torch.load(final / "lit_model.pth", weights_only=False)
+    assert FACTORS_KEY in checkpoint
+    config = Config.from_file(final / "model_config.yaml")
+    plain = GPT(config)
+    plain.load_state_dict(checkpoint["model"], strict=True)
+    multiplied = GPT(config)
+    add_multipliers(multiplied, placement="paper")
+    unmerged = unmerge_checkpoint(checkpoint)["model"]
+    multiplied.load_state_dict(unmerged, strict=True)
+    trained = [v for k, v in unmerged.items() if k.endswith("_multiplier")]
+    assert trained and any(not torch.equal(m, torch.ones_like(m)) for m in trained)
+    tokens = torch.randint(0, config.padded_vocab_size, (2, 16), generator=torch.Generator()
+                           .manual_seed(0))
+    with torch.no_grad():  # the merge computes W_eff as the forward does: bit for bit
+        assert torch.equal(plain(tokens), multiplied(tokens))
+
+    pretrain_multipliers(default, resumed,
+                         "--resume", str(whole / "step-00000001" / "lit_model.pth"))
+    a = torch.load(final / "lit_model.pth", weights_only=False)
+    b = torch.load(resumed / "final" / "lit_model.pth", weights_only=False)
+    for part in ("model", FACTORS_KEY):
+        flat_a, flat_b = _flat(a[part]), _flat(b[part])
+        assert flat_a.keys() == flat_b.keys()
+        assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), part
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
