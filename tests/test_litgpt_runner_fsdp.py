@@ -133,9 +133,11 @@ def test_ddp_trains_the_same_weights(fsdp2, default, tmp_path):
 
 def load_on_rank(rank: int, checkpoint: str) -> None:
     """The runner's ``load_checkpoint`` under FSDP2 puts every base tensor into the shards
-    exactly: into ``litgpt.GPT`` (strict) and into litgpt's LoRA GPT, whose ``.linear.weight``
-    takes the checkpoint's ``.weight`` (litgpt's own FSDP2 branch renames every key so, which
-    fails for the plain GPT of ``finetune_full``)."""
+    exactly: into ``litgpt.GPT`` (strict), into one with the paper's multipliers (strict: the
+    raw weights take the checkpoint's, the multipliers start at 1, as the layers' load hook
+    does on one device) and into litgpt's LoRA GPT, whose ``.linear.weight`` takes the
+    checkpoint's ``.weight`` (litgpt's own FSDP2 branch renames every key so, which fails for
+    the plain GPT of ``finetune_full``)."""
     import lightning as L
     import litgpt
     import litgpt.lora
@@ -143,6 +145,7 @@ def load_on_rank(rank: int, checkpoint: str) -> None:
 
     from lightning_lowprec import LowPrecision
     from lightning_lowprec.litgpt.runner import distributed_strategy, load_checkpoint
+    from lightning_lowprec.multipliers import add_multipliers
 
     strategy = distributed_strategy("fsdp2", 2)
     assert isinstance(strategy, ModelParallelStrategy)
@@ -153,16 +156,25 @@ def load_on_rank(rank: int, checkpoint: str) -> None:
     base = torch.load(path / "lit_model.pth")
     lora = {"lora_r": 4, "lora_alpha": 8, "lora_query": True, "lora_value": True,
             "lora_head": True}
-    for gpt, config, extra, strict in ((litgpt.GPT, litgpt.Config, {}, True),
-                                       (litgpt.lora.GPT, litgpt.lora.Config, lora, False)):
+    for gpt, config, extra, strict, multiplied in (
+        (litgpt.GPT, litgpt.Config, {}, True, False),
+        (litgpt.GPT, litgpt.Config, {}, True, True),
+        (litgpt.lora.GPT, litgpt.lora.Config, lora, False, False),
+    ):
         module = gpt(config.from_file(path / "model_config.yaml", **extra))
+        if multiplied:
+            add_multipliers(module, placement="paper")
         model = fabric.setup_module(module)
         load_checkpoint(fabric, model, path / "lit_model.pth", strict=strict)
         loaded = {k: v.full_tensor() for k, v in module.state_dict().items()}
         for key, value in base.items():
             prefix, _, name = key.rpartition(".")
-            target = key if key in loaded else f"{prefix}.linear.{name}"
-            assert torch.equal(loaded[target], value), (gpt.__module__, key)
+            target = next(k for k in (key, f"{prefix}.linear.{name}",
+                                      f"{prefix}.parametrizations.weight.original") if k in loaded)
+            assert torch.equal(loaded[target], value), (gpt.__module__, multiplied, key)
+        factors = [v for k, v in loaded.items() if k.endswith("_multiplier")]
+        assert len(factors) == (50 if multiplied else 0)  # 2 x 25 layers (paper: all but head)
+        assert all(torch.equal(f, torch.ones_like(f)) for f in factors)  # they start at 1
 
 
 def test_the_base_checkpoint_loads_into_the_shards_exactly(default, tmp_path):
