@@ -42,7 +42,9 @@ On several devices (``--devices N``, ``--num_nodes``) litgpt would build ``FSDPS
 :func:`~lightning_lowprec.fsdp.fully_shard_blocks`, data parallel over all devices) or DDP
 (``lowprec.strategy: ddp``). Under FSDP2 every checkpoint is one *full* file (Lightning's
 ``save_distributed_checkpoint=False``: rank 0 writes the gathered weights and optimizer state),
-so ``litgpt generate`` loads the outputs and ``--resume`` reads them on any number of devices.
+so ``litgpt generate`` loads the outputs and ``--resume`` reads them on any number of devices;
+with multipliers they are merged and resume exactly, as on one device (``scalar`` multipliers,
+0-dim, cannot be sharded: DDP only).
 Lightning starts the extra processes by re-running this process's command line, so a
 multi-device run starts from ``lowprec-litgpt`` / ``python -m lightning_lowprec.litgpt``, or
 under ``torchrun``.
