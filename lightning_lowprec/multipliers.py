@@ -74,6 +74,7 @@ __all__ = [
     "effective_weight",
     "merge_multipliers",
     "merged_state_dict",
+    "restarted_state_dict",
     "split_state_dict",
     "unmerged_state_dict",
 ]
@@ -535,15 +536,41 @@ def _load_merged(layer: nn.Module, state_dict: dict[str, Any], prefix: str, *_: 
 
     Leaves the state dict alone when it has the multiplied layout already.
     """
+    multipliers = _multipliers_of(prefix.rstrip("."), layer)
+    if multipliers is not None:
+        _restart(state_dict, prefix, multipliers)
+
+
+def restarted_state_dict(state_dict: Mapping[str, Any], module: nn.Module) -> dict[str, Any]:
+    """A copy of a plain (or merged) ``state_dict`` in the key layout of ``module`` with
+    multipliers: each multiplied layer's ``weight`` becomes its raw weight, its multipliers 1
+    (full shapes) — what ``module.load_state_dict`` does through its load hook.
+
+    Why: loaders that bypass the hook, such as FSDP2's ``set_model_state_dict`` with a full
+    state dict (it fills in the model's own entries for every key it lacks), need the layout
+    given. A state dict in the multiplied layout already passes through.
+    """
+    out = dict(state_dict)
+    for name, layer in module.named_modules():
+        multipliers = _multipliers_of(name, layer)
+        if multipliers is not None:
+            _restart(out, f"{name}." if name else "", multipliers, full=True)
+    return out
+
+
+def _restart(state_dict: dict[str, Any], prefix: str, multipliers: Multipliers,
+             full: bool = False) -> None:
+    """Put the merged ``<prefix>weight`` of ``state_dict`` under the raw weight's key, with
+    multipliers of 1 (``full``: of the parameters' global shapes, not like their shards)."""
     merged_key, original_key = prefix + "weight", prefix + _ORIGINAL
     if merged_key not in state_dict or original_key in state_dict:
         return
-    multipliers = _multipliers_of(prefix.rstrip("."), layer)
-    if multipliers is None:
-        return
     state_dict[original_key] = state_dict.pop(merged_key)
     for name, parameter in multipliers.named_parameters():
-        state_dict[prefix + _FACTOR + name] = torch.ones_like(parameter)
+        state_dict[prefix + _FACTOR + name] = (
+            torch.ones(parameter.shape, dtype=parameter.dtype) if full
+            else torch.ones_like(parameter)
+        )
 
 
 def _parameter_names(module: nn.Module) -> dict[int, list[str]]:

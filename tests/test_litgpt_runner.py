@@ -400,8 +400,9 @@ def test_devices_auto_is_resolved_as_litgpt_does(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--lowprec.multipliers", "paper"],
-     "lowprec.multipliers 'paper' with lowprec.strategy fsdp2 .* Use --lowprec.strategy ddp"),
+    (["--lowprec.multipliers", "scalar"],
+     "lowprec.multipliers 'scalar' with lowprec.strategy fsdp2 .* Use lowprec.multipliers "
+     "'paper' or 'symmetry_free' .* or --lowprec.strategy ddp"),
     (["--train.global_batch_size", "8", "--train.micro_batch_size", "8"],
      "global_batch_size 8 over 2 devices is 4 per device, less than --train.micro_batch_size 8"
      ".* Set --train.micro_batch_size 4 or --train.global_batch_size 16"),

@@ -54,10 +54,15 @@ def launch(default: dict[str, Path], out: Path, *extra: str) -> subprocess.Compl
         # construction depends on how the strategy builds the model.
         "--lowprec.optimizer.init_args.seed", "3", "--lowprec.progress_bar", "false", *extra,
     ]
+    return console("finetune_full", args, out)
+
+
+def console(command: str, args: list[str], out: Path) -> subprocess.CompletedProcess:
+    """``python -m lightning_lowprec.litgpt COMMAND ARGS``, as a user starts it; must succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_lowprec.litgpt", "finetune_full", *args],
+        [sys.executable, "-m", "lightning_lowprec.litgpt", command, *args],
         env=env, capture_output=True, text=True, timeout=900, cwd=out.parent,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -128,9 +133,11 @@ def test_ddp_trains_the_same_weights(fsdp2, default, tmp_path):
 
 def load_on_rank(rank: int, checkpoint: str) -> None:
     """The runner's ``load_checkpoint`` under FSDP2 puts every base tensor into the shards
-    exactly: into ``litgpt.GPT`` (strict) and into litgpt's LoRA GPT, whose ``.linear.weight``
-    takes the checkpoint's ``.weight`` (litgpt's own FSDP2 branch renames every key so, which
-    fails for the plain GPT of ``finetune_full``)."""
+    exactly: into ``litgpt.GPT`` (strict), into one with the paper's multipliers (strict: the
+    raw weights take the checkpoint's, the multipliers start at 1, as the layers' load hook
+    does on one device) and into litgpt's LoRA GPT, whose ``.linear.weight`` takes the
+    checkpoint's ``.weight`` (litgpt's own FSDP2 branch renames every key so, which fails for
+    the plain GPT of ``finetune_full``)."""
     import lightning as L
     import litgpt
     import litgpt.lora
@@ -138,6 +145,7 @@ def load_on_rank(rank: int, checkpoint: str) -> None:
 
     from lightning_lowprec import LowPrecision
     from lightning_lowprec.litgpt.runner import distributed_strategy, load_checkpoint
+    from lightning_lowprec.multipliers import add_multipliers
 
     strategy = distributed_strategy("fsdp2", 2)
     assert isinstance(strategy, ModelParallelStrategy)
@@ -148,19 +156,96 @@ def load_on_rank(rank: int, checkpoint: str) -> None:
     base = torch.load(path / "lit_model.pth")
     lora = {"lora_r": 4, "lora_alpha": 8, "lora_query": True, "lora_value": True,
             "lora_head": True}
-    for gpt, config, extra, strict in ((litgpt.GPT, litgpt.Config, {}, True),
-                                       (litgpt.lora.GPT, litgpt.lora.Config, lora, False)):
+    for gpt, config, extra, strict, multiplied in (
+        (litgpt.GPT, litgpt.Config, {}, True, False),
+        (litgpt.GPT, litgpt.Config, {}, True, True),
+        (litgpt.lora.GPT, litgpt.lora.Config, lora, False, False),
+    ):
         module = gpt(config.from_file(path / "model_config.yaml", **extra))
+        if multiplied:
+            add_multipliers(module, placement="paper")
         model = fabric.setup_module(module)
         load_checkpoint(fabric, model, path / "lit_model.pth", strict=strict)
         loaded = {k: v.full_tensor() for k, v in module.state_dict().items()}
         for key, value in base.items():
             prefix, _, name = key.rpartition(".")
-            target = key if key in loaded else f"{prefix}.linear.{name}"
-            assert torch.equal(loaded[target], value), (gpt.__module__, key)
+            target = next(k for k in (key, f"{prefix}.linear.{name}",
+                                      f"{prefix}.parametrizations.weight.original") if k in loaded)
+            assert torch.equal(loaded[target], value), (gpt.__module__, multiplied, key)
+        factors = [v for k, v in loaded.items() if k.endswith("_multiplier")]
+        assert len(factors) == (50 if multiplied else 0)  # 2 x 25 layers (paper: all but head)
+        assert all(torch.equal(f, torch.ones_like(f)) for f in factors)  # they start at 1
 
 
 def test_the_base_checkpoint_loads_into_the_shards_exactly(default, tmp_path):
     from file_spawn import spawn
 
     spawn(load_on_rank, tmp_path, str(default["checkpoint"]))
+
+
+def pretrain_multipliers(default: dict[str, Path], out: Path, *extra: str) -> None:
+    """``pretrain`` with LMD, MXFP4 and the paper's multipliers, 2 steps of 2 x 4 sequences of
+    128 tokens on 2 processes, a checkpoint every step."""
+    recipe = "pretrain-lmd-mxfp4-multipliers"
+    console("pretrain", [
+        "--config", recipe, *tiny_overrides(recipe), "--out_dir", str(out),
+        "--tokenizer_dir", str(default["checkpoint"]),
+        "--data.train_data_path", str(default["text_train"]),
+        "--data.val_data_path", str(default["text_val"]),
+        "--devices", "2", "--accelerator", "cpu",
+        "--train.micro_batch_size", "4", "--train.max_tokens", str(STEPS * 8 * 128),
+        "--train.save_interval", "1", "--train.lr_warmup_steps", "1",
+        "--eval.interval", "1000", "--eval.max_iters", "1",
+        "--lowprec.optimizer.init_args.seed", "3", "--lowprec.progress_bar", "false", *extra,
+    ], out)
+
+
+def test_pretrain_with_multipliers_saves_merged_checkpoints_and_resumes_exactly(default,
+                                                                               tmp_path):
+    """FSDP2's full checkpoints go through FabricMergeMultipliers: the merged weights load into
+    a fresh litgpt.GPT with strict=True and compute the multiplied model's logits, and
+    --resume un-merges them into the shards, reaching the uninterrupted run bit for bit."""
+    from litgpt import GPT, Config
+
+    from lightning_lowprec.callbacks import FACTORS_KEY, unmerge_checkpoint
+    from lightning_lowprec.multipliers import add_multipliers
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    pretrain_multipliers(default, whole)
+    summary = json.loads((whole / SUMMARY_FILE).read_text())
+    assert summary["strategy"] == "ModelParallelStrategy" and summary["steps"] == STEPS
+    final = whole / "final"
+    checkpoint = torch.load(final / "lit_model.pth", weights_only=False)
+    assert FACTORS_KEY in checkpoint
+    config = Config.from_file(final / "model_config.yaml")
+    plain = GPT(config)
+    plain.load_state_dict(checkpoint["model"], strict=True)
+    multiplied = GPT(config)
+    add_multipliers(multiplied, placement="paper")
+    unmerged = unmerge_checkpoint(checkpoint)["model"]
+    multiplied.load_state_dict(unmerged, strict=True)
+    trained = [v for k, v in unmerged.items() if k.endswith("_multiplier")]
+    assert trained and any(not torch.equal(m, torch.ones_like(m)) for m in trained)
+    tokens = torch.randint(0, config.padded_vocab_size, (2, 16), generator=torch.Generator()
+                           .manual_seed(0))
+    with torch.no_grad():  # the merge computes W_eff as the forward does: bit for bit
+        assert torch.equal(plain(tokens), multiplied(tokens))
+
+    pretrain_multipliers(default, resumed,
+                         "--resume", str(whole / "step-00000001" / "lit_model.pth"))
+    a = torch.load(final / "lit_model.pth", weights_only=False)
+    b = torch.load(resumed / "final" / "lit_model.pth", weights_only=False)
+    for part in ("model", FACTORS_KEY):
+        flat_a, flat_b = _flat(a[part]), _flat(b[part])
+        assert flat_a.keys() == flat_b.keys()
+        assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), part
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -42,7 +42,9 @@ On several devices (``--devices N``, ``--num_nodes``) litgpt would build ``FSDPS
 :func:`~lightning_lowprec.fsdp.fully_shard_blocks`, data parallel over all devices) or DDP
 (``lowprec.strategy: ddp``). Under FSDP2 every checkpoint is one *full* file (Lightning's
 ``save_distributed_checkpoint=False``: rank 0 writes the gathered weights and optimizer state),
-so ``litgpt generate`` loads the outputs and ``--resume`` reads them on any number of devices.
+so ``litgpt generate`` loads the outputs and ``--resume`` reads them on any number of devices;
+with multipliers they are merged and resume exactly, as on one device (``scalar`` multipliers,
+0-dim, cannot be sharded: DDP only).
 Lightning starts the extra processes by re-running this process's command line, so a
 multi-device run starts from ``lowprec-litgpt`` / ``python -m lightning_lowprec.litgpt``, or
 under ``torchrun``.
@@ -83,7 +85,7 @@ from lightning_lowprec.litgpt.options import (
 )
 from lightning_lowprec.litgpt.patch import COMMANDS, patched, recipe_module
 from lightning_lowprec.litgpt.recipes import recipe_names, recipe_path, recipe_summary
-from lightning_lowprec.multipliers import add_multipliers
+from lightning_lowprec.multipliers import add_multipliers, restarted_state_dict
 from lightning_lowprec.nn import QuantizedLinear
 from lightning_lowprec.optim.groups import is_multiplier
 from lightning_lowprec.plugin import LowPrecision
@@ -406,12 +408,12 @@ class _Run:
                 "is not lowprec-litgpt. Run `lowprec-litgpt ...` or `python -m "
                 "lightning_lowprec.litgpt ...`, or start the processes with torchrun."
             )
-        if options.strategy == "fsdp2" and options.multipliers is not None:
+        if options.strategy == "fsdp2" and options.multipliers == "scalar":
             raise ValueError(
-                f"lowprec.multipliers {options.multipliers!r} with lowprec.strategy fsdp2 "
-                f"({where}): FSDP2's full checkpoints bypass the CheckpointIO that merges the "
-                "multipliers into the weights, so litgpt could not load them. Use "
-                "--lowprec.strategy ddp, or lowprec.multipliers: null."
+                f"lowprec.multipliers 'scalar' with lowprec.strategy fsdp2 ({where}): FSDP2 "
+                "shards every parameter along dim 0, which a 0-dim scalar multiplier does not "
+                "have. Use lowprec.multipliers 'paper' or 'symmetry_free' (vectors), or "
+                "--lowprec.strategy ddp."
             )
         train = config.get("train")
         if train is not None and train.get("global_batch_size") and train.get("micro_batch_size"):
@@ -693,8 +695,8 @@ class RecipeFabric(L.Fabric):
             sample=options.sample,
             **PRECISIONS[precision or "bf16-mixed"],
         )
-        # Only with multipliers (without, it changes nothing): it wraps the CheckpointIO,
-        # which ModelParallelStrategy does not have.
+        # Only with multipliers (without, it changes nothing): it wraps the CheckpointIO, or
+        # under FSDP2 the strategy's full-checkpoint save and load.
         ours: list[Any] = [run] if options.multipliers is None else [FabricMergeMultipliers(), run]
         self._monitor: _RecipeNormMonitor | None = None
         if options.monitor is not None:
@@ -788,7 +790,8 @@ def load_checkpoint(fabric: L.Fabric, model: nn.Module, checkpoint_path: Path,
                     strict: bool = True) -> None:
     """litgpt's ``load_checkpoint``, with a correct FSDP2 branch: the full state dict (under
     ``"model"`` or at the top level) is loaded into the shards by
-    ``torch.distributed.checkpoint``'s ``set_model_state_dict``; a LoRA model's
+    ``torch.distributed.checkpoint``'s ``set_model_state_dict``; multiplied layers take the
+    checkpoint's weights with multipliers 1, as on one device; a LoRA model's
     ``...linear.weight`` takes the base checkpoint's ``....weight``, as LoRA's own loading
     hook maps it on one device. Other strategies: litgpt's own."""
     from lightning.fabric.strategies import ModelParallelStrategy
@@ -802,7 +805,7 @@ def load_checkpoint(fabric: L.Fabric, model: nn.Module, checkpoint_path: Path,
 
     module = _unwrap_objects(model)
     full = torch.load(checkpoint_path, mmap=True, map_location="cpu", weights_only=True)
-    full = full.get("model", full)
+    full = restarted_state_dict(full.get("model", full), module)
     for key in module.state_dict():
         base = key.replace(".linear.", ".")
         if key not in full and base in full:
