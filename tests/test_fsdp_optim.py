@@ -34,6 +34,10 @@ CASES = {
 }
 COMPILED_CASES = {
     "lmd_compiled": lambda ps: LMD(ps, seed=7, compiled=True, separate_momentum=True),
+    # lmd_single's options, compiled: plain tensors and shards once ran two compiled graphs
+    # (with and without the shard offset) that differed in a few ulps of one element
+    "lmd_single_compiled": lambda ps: LMD(ps, seed=7, compiled=True, separate_momentum=True,
+                                          init="moment_matched", sign_beta=0.5),
     "mplus_compiled": lambda ps: MPlusAdam(ps, storage="bf16", rounding="stochastic", seed=5,
                                            compiled=True),
 }

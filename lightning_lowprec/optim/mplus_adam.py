@@ -384,7 +384,8 @@ class MPlusAdam(LowPrecisionOptimizer):
                     hp = table[i].to(p.device) if table is not None else hps[i]
                     w_news[i] = fn(p, p.grad, s["exp_avg"], s["exp_avg_sq"], ves[i], keys[i],
                                    hp, bf16=bf16[i], write=not quantized, small=small,
-                                   low_weight=low_weight, offset=s.get("offset"))
+                                   low_weight=low_weight,
+                                   offset=sharded.state_offset(s, p) if fast else s.get("offset"))
             batched = sorted(set(range(len(subset))) - set(per_tensor))
             for idx in by_device([subset[i] for i in batched]):
                 idx = [batched[j] for j in idx]
