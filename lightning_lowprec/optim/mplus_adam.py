@@ -276,7 +276,8 @@ class MPlusAdam(LowPrecisionOptimizer):
             ``torch.compile``'d kernel wherever
             :func:`~lightning_lowprec.optim.base.compile_works`, else the eager kernels after
             one warning; ``True`` always, ``False`` never. Tensors under
-            ``COMPILED_MIN_NUMEL`` (65536) elements take the ``foreach`` ops.
+            ``COMPILED_MIN_NUMEL`` (65536) elements take the ``foreach`` ops (counted on the
+            whole tensor, so an FSDP2 shard takes its tensor's route on any number of ranks).
         nonfinite: ``"skip"`` (default) skips the update of a parameter whose gradient is not
             finite, with a rate-limited warning naming it; ``"raise"`` raises
             ``FloatingPointError`` naming it, before any weight or state changes.
@@ -369,7 +370,7 @@ class MPlusAdam(LowPrecisionOptimizer):
             batch = use_foreach(group, subset[0].device)
             per_tensor = [
                 i for i, p in enumerate(subset)
-                if (p.numel() >= COMPILED_MIN_NUMEL if fast else not batch)
+                if (self._owner(p).numel() >= COMPILED_MIN_NUMEL if fast else not batch)
             ]
             w_news = [None] * len(subset)
             if per_tensor:
