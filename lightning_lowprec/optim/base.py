@@ -303,9 +303,11 @@ def exp_normal(x: Tensor) -> Tensor:
     return (y.view(torch.int32) + (n.to(torch.int32) << 23)).view(torch.float32)
 
 
-def _quarterable(g: Tensor) -> bool:
-    """Whether :func:`_quarter_sum` takes ``g``: large, contiguous, a multiple of 4 long."""
-    return g.numel() >= COMPILED_MIN_NUMEL and g.numel() % 4 == 0 and g.is_contiguous()
+def _quarterable(g: Tensor, numel: int) -> bool:
+    """Whether :func:`_quarter_sum` takes ``g`` (a gradient or its local shard) of a tensor of
+    ``numel`` elements in all: large as a whole (a shard of a large tensor takes the same
+    route on any number of ranks), contiguous, a multiple of 4 long."""
+    return numel >= COMPILED_MIN_NUMEL and g.numel() % 4 == 0 and g.is_contiguous()
 
 
 def _quarter_sum(g: Tensor) -> Tensor:
@@ -549,7 +551,7 @@ class LowPrecisionOptimizer(Optimizer):
                 # The fp32 norm (no rescaling on CPU) is non-finite iff an element or the
                 # sum of squares is, and it is cheaper on CPU than torch's max-abs reduction.
                 checks = [
-                    compiled(_quarter_sum)(g) if fast[i] and _quarterable(g)
+                    compiled(_quarter_sum)(g) if fast[i] and _quarterable(g, params[i].numel())
                     else torch.linalg.vector_norm(g, dtype=torch.float32)
                     for i, g in zip(indices, grads, strict=True)
                 ]

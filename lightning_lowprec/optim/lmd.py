@@ -669,7 +669,8 @@ class LMD(LowPrecisionOptimizer):
                 fn(p, p.grad, s["log_median_pos"], s["log_median_neg"], s["momentum"],
                    moms_neg[i], keys[i], table[i].to(p.device),
                    inline=_exp_in_range(group, s["log_m_ref"]),
-                   low_weight=group["momentum"] > 0.5, offset=s.get("offset"), **flags)
+                   low_weight=group["momentum"] > 0.5, offset=sharded.state_offset(s, p),
+                   **flags)
         elif not use_foreach(group, device):
             for p, s, un, k, hp in zip(params, states, moms_neg, keys, hps, strict=True):
                 _update_tensor(p, p.grad, s["log_median_pos"], s["log_median_neg"],

@@ -276,7 +276,8 @@ class MPlusAdam(LowPrecisionOptimizer):
             ``torch.compile``'d kernel wherever
             :func:`~lightning_lowprec.optim.base.compile_works`, else the eager kernels after
             one warning; ``True`` always, ``False`` never. Tensors under
-            ``COMPILED_MIN_NUMEL`` (65536) elements take the ``foreach`` ops.
+            ``COMPILED_MIN_NUMEL`` (65536) elements take the ``foreach`` ops (counted on the
+            whole tensor, so an FSDP2 shard takes its tensor's route on any number of ranks).
         nonfinite: ``"skip"`` (default) skips the update of a parameter whose gradient is not
             finite, with a rate-limited warning naming it; ``"raise"`` raises
             ``FloatingPointError`` naming it, before any weight or state changes.
@@ -369,7 +370,7 @@ class MPlusAdam(LowPrecisionOptimizer):
             batch = use_foreach(group, subset[0].device)
             per_tensor = [
                 i for i, p in enumerate(subset)
-                if (p.numel() >= COMPILED_MIN_NUMEL if fast else not batch)
+                if (self._owner(p).numel() >= COMPILED_MIN_NUMEL if fast else not batch)
             ]
             w_news = [None] * len(subset)
             if per_tensor:
@@ -384,7 +385,8 @@ class MPlusAdam(LowPrecisionOptimizer):
                     hp = table[i].to(p.device) if table is not None else hps[i]
                     w_news[i] = fn(p, p.grad, s["exp_avg"], s["exp_avg_sq"], ves[i], keys[i],
                                    hp, bf16=bf16[i], write=not quantized, small=small,
-                                   low_weight=low_weight, offset=s.get("offset"))
+                                   low_weight=low_weight,
+                                   offset=sharded.state_offset(s, p) if fast else s.get("offset"))
             batched = sorted(set(range(len(subset))) - set(per_tensor))
             for idx in by_device([subset[i] for i in batched]):
                 idx = [batched[j] for j in idx]

@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 __all__ = [
     "any_nonzero", "flat_offset", "global_sums", "is_sharded", "local", "local_view",
-    "mean_square", "offset_tensor", "wrap_like",
+    "mean_square", "offset_tensor", "state_offset", "wrap_like",
 ]
 
 
@@ -74,12 +74,21 @@ def flat_offset(p: Tensor) -> int:
     return offset[0] * prod(p.shape[1:]) if p.ndim else 0
 
 
-def offset_tensor(p: Tensor) -> Tensor | None:
-    """:func:`flat_offset` as an int64 scalar tensor on ``p``'s device (a tensor, so a compiled
-    kernel does not recompile per shard), or ``None`` when ``p`` is not sharded."""
-    if not isinstance(p, DTensor) or not _shard_dims(p):
-        return None
+def offset_tensor(p: Tensor) -> Tensor:
+    """:func:`flat_offset` as an int64 scalar tensor on ``p``'s device: a tensor, so that a
+    compiled kernel does not recompile per shard, and a tensor (0) for an unsharded ``p`` too,
+    so that plain tensors and shards run one compiled graph. Two graphs (one without the
+    offset input) are different C++ sources, which the compiler contracts into fused
+    multiply-adds differently: a sharded LMD run differed from the unsharded one in a
+    few ulps of one log-median element (measured)."""
     return torch.tensor(flat_offset(p), dtype=torch.int64, device=local(p).device)
+
+
+def state_offset(state: dict[str, Any], p: Tensor) -> Tensor:
+    """The :func:`offset_tensor` of the tensor whose ``state`` this is: the one
+    :func:`local_view` put there for a shard, else that of ``p`` (0 when unsharded)."""
+    offset = state.get("offset")
+    return offset if offset is not None else offset_tensor(p)
 
 
 def wrap_like(p: Tensor, t: Tensor) -> Tensor:
