@@ -688,6 +688,7 @@ class RecipeFabric(L.Fabric):
             exclude=options.exclude,
             rounding=options.rounding,
             grad_rounding=options.grad_rounding,
+            scale_rule=options.scale_rule,
             quantize_backward=options.quantize_backward,
             backend=options.backend,
             sample=options.sample,
