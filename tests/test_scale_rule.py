@@ -188,3 +188,17 @@ def test_export_refuses_an_rceil_model(tmp_path):
     with pytest.raises(ValueError, match="scale_rule='rceil'.*Supported: scale_rule='floor'"):
         export_mx(model, None, tmp_path / "w.safetensors")
     assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_litgpt_runner_says_it_in_its_summary_line():
+    from types import SimpleNamespace
+
+    from lightning_lowprec.litgpt.options import LowPrecOptions
+    from lightning_lowprec.litgpt.runner import applied
+
+    model = nn.Sequential(nn.Linear(64, 8))
+    quantize_linears(model, FMT, exclude=None, scale_rule=RULE)
+    for rule, shown in (("floor", "(rounding even;"), (RULE, "(rounding even, rceil scales;")):
+        opts = LowPrecOptions.from_mapping({"fmt": FMT, "scale_rule": rule, "monitor": None})
+        run = SimpleNamespace(options=opts, command="finetune", config={}, fabric=None)
+        assert shown in applied(run, model, [])
