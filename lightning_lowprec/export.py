@@ -90,10 +90,12 @@ def export_mx(
 
     Raises:
         ValueError: an unknown or per-tensor (``fp8_*``) format, a state dict with a single
-            format or ``None``, ``None`` for a model without quantized layers, or no weight
-            selected.
+            format or ``None``, ``None`` for a model without quantized layers, no weight
+            selected, or a model whose quantized layers use ``scale_rule="rceil"`` (the
+            packed checkpoint and :func:`load_mx` hold the OCP spec's floor scales).
     """
     if isinstance(model_or_state_dict, nn.Module):
+        _refuse_rceil(model_or_state_dict)
         state = model_or_state_dict.state_dict()
         formats = _model_weight_formats(model_or_state_dict, fmt, include, exclude)
     else:
@@ -129,6 +131,21 @@ def export_mx(
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
     return {name: f.name for name, f in formats.items()}
+
+
+def _refuse_rceil(model: nn.Module) -> None:
+    """Refuse layers trained with rceil scales: packing uses the spec's floor scales, so the
+    exported weights (and the inputs ``load_mx``'s layers quantize) would not be the ones the
+    model was trained with."""
+    for name, layer in model.named_modules():
+        rule = getattr(layer, "scale_rule", "floor")
+        if isinstance(layer, QuantizedLinear) and rule != "floor":
+            raise ValueError(
+                f"export_mx packs MX weights with the OCP spec's floor scales, but layer "
+                f"{name or '<the model itself>'!r} quantizes with scale_rule={rule!r}. "
+                "Supported: scale_rule='floor'; export the state_dict with an explicit fmt "
+                "mapping to re-quantize the weights with floor scales."
+            )
 
 
 def load_mx(

@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 
 from lightning_lowprec.formats import Format
 from lightning_lowprec.nn import QuantizedLinear, _matches
-from lightning_lowprec.quantizer import Rounding
+from lightning_lowprec.quantizer import Rounding, ScaleRule
 from lightning_lowprec.scaled_mm import Backend
 
 __all__ = ["keep_quantized_paths", "quantize_conv1ds", "warn_unquantized"]
@@ -78,6 +78,7 @@ def quantize_conv1ds(
     rounding: Rounding,
     backend: Backend,
     grad_rounding: Rounding | None = None,
+    scale_rule: ScaleRule = "floor",
 ) -> list[str]:
     """Re-class the selected HF ``Conv1D`` layers of ``model`` in place (validated settings,
     the pattern rule of :func:`~lightning_lowprec.nn.quantize_linears`); return their names."""
@@ -89,7 +90,7 @@ def quantize_conv1ds(
             cls = type(module)
             module.__class__ = type(f"Quantized{cls.__name__}", (QuantizedConv1D, cls), {})
         module._configure(w_fmt, a_fmt, g_fmt, quantize_backward, rounding, backend,
-                          grad_rounding)
+                          grad_rounding, scale_rule)
         selected.append(name)
     return selected
 

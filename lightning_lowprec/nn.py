@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_lowprec.formats import FORMATS, Format, parse
-from lightning_lowprec.quantizer import ROUNDING_MODES, Rounding, quantize
+from lightning_lowprec.quantizer import ROUNDING_MODES, SCALE_RULES, Rounding, ScaleRule, quantize
 from lightning_lowprec.scaled_mm import Backend, check_backend, scaled_mm_linear, use_scaled_mm
 
 __all__ = ["FormatMap", "QuantizedLinear", "check_format_map", "layer_formats", "quantize_linears"]
@@ -104,6 +104,10 @@ class QuantizedLinear(nn.Linear):
             only with ``quantize_backward=True``. Round-to-nearest-even operands with
             stochastic gradients (``rounding="even", grad_rounding="stochastic"``) is a
             common MX training recipe: the gradient stays unbiased.
+        scale_rule: how every MX operand's block scale is chosen (forward and quantized
+            backward alike): ``"floor"`` (the OCP spec's, default) or ``"rceil"`` (NVIDIA's
+            and torchao's MXFP8 rule, which saturates almost no block maximum); see
+            :func:`lightning_lowprec.quantize`. No effect on the per-tensor ``fp8_*`` formats.
         backend: ``"emulated"`` (fake quantization, matmuls in the working dtype: any format,
             any device), ``"scaled_mm"`` (the same quantized operands as float8 tensors on FP8
             kernels, :mod:`lightning_lowprec.scaled_mm`: per-tensor FP8 on CUDA 8.9+ or CPU,
@@ -112,9 +116,10 @@ class QuantizedLinear(nn.Linear):
             the formats, else emulated; CPU stays emulated).
 
     Raises:
-        ValueError: an unknown format, rounding mode or backend, a missing format, ``g_fmt``
-            without ``quantize_backward=True``, or ``backend="scaled_mm"`` with a format it
-            cannot run; at the forward, ``backend="scaled_mm"`` on a device without kernels.
+        ValueError: an unknown format, rounding mode, scale rule or backend, a missing
+            format, ``g_fmt`` without ``quantize_backward=True``, or ``backend="scaled_mm"``
+            with a format it cannot run; at the forward, ``backend="scaled_mm"`` on a device
+            without kernels.
     """
 
     w_fmt: Format
@@ -123,6 +128,7 @@ class QuantizedLinear(nn.Linear):
     quantize_backward: bool
     rounding: Rounding
     grad_rounding: Rounding
+    scale_rule: ScaleRule
     backend: Backend
 
     def __init__(
@@ -141,6 +147,7 @@ class QuantizedLinear(nn.Linear):
         rounding: Rounding = "even",
         backend: Backend = "auto",
         grad_rounding: Rounding | None = None,
+        scale_rule: ScaleRule = "floor",
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
         formats = _resolve_formats(fmt, w_fmt, a_fmt, g_fmt, quantize_backward)
@@ -150,6 +157,7 @@ class QuantizedLinear(nn.Linear):
             _check_rounding(rounding),
             check_backend(backend, *formats),
             _check_grad_rounding(grad_rounding, rounding, quantize_backward),
+            _check_scale_rule(scale_rule),
         )
 
     def _configure(
@@ -161,12 +169,14 @@ class QuantizedLinear(nn.Linear):
         rounding: Rounding,
         backend: Backend,
         grad_rounding: Rounding | None = None,
+        scale_rule: ScaleRule = "floor",
     ) -> None:
         """Set the quantization settings (already validated); used on re-classed layers too."""
         self.w_fmt, self.a_fmt, self.g_fmt = w_fmt, a_fmt, g_fmt
         self.quantize_backward = quantize_backward
         self.rounding = rounding
         self.grad_rounding = rounding if grad_rounding is None else grad_rounding
+        self.scale_rule = scale_rule
         self.backend = backend
         self._weight_cache = None  # see _cached_weight
 
@@ -199,16 +209,17 @@ class QuantizedLinear(nn.Linear):
             return scaled_mm_linear(
                 _cast(x, dtype), _cast(weight, dtype), bias,
                 self.w_fmt, self.a_fmt, self.g_fmt, self.rounding, self.grad_rounding,
+                self.scale_rule,
             )
         if self.quantize_backward:
             return _QuantizedLinearFunction.apply(
                 x, weight, bias, _cached_weight(self, weight, dtype),
                 *_by_name(self.w_fmt, self.a_fmt, self.g_fmt), self.rounding, self.grad_rounding,
-                dtype,
+                self.scale_rule, dtype,
             )
         return _StraightThroughLinear.apply(
             x, weight, bias, _cached_weight(self, weight, dtype),
-            *_by_name(self.w_fmt, self.a_fmt), self.rounding, dtype,
+            *_by_name(self.w_fmt, self.a_fmt), self.rounding, self.scale_rule, dtype,
         )
 
     def extra_repr(self) -> str:
@@ -224,6 +235,8 @@ class QuantizedLinear(nn.Linear):
             extra += f", rounding={self.rounding}"
         if self.grad_rounding != self.rounding:
             extra += f", grad_rounding={self.grad_rounding}"
+        if self.scale_rule != "floor":
+            extra += f", scale_rule={self.scale_rule}"
         if self.backend != "auto":
             extra += f", backend={self.backend}"
         return f"{super().extra_repr()}, {shown}{extra}"
@@ -241,31 +254,31 @@ class _StraightThroughLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_q, w_fmt, a_fmt, rounding, dtype):
+    def forward(ctx, x, weight, bias, w_q, w_fmt, a_fmt, rounding, scale_rule, dtype):
         w_fmt, a_fmt = parse(w_fmt), parse(a_fmt)
-        x_q = _quantize_to(x, a_fmt, -1, rounding, dtype)
+        x_q = _quantize_to(x, a_fmt, -1, rounding, dtype, scale_rule)
         again = w_q is None and rounding != "stochastic"
         if w_q is None:
-            w_q = _quantize_to(weight, w_fmt, -1, rounding, dtype)
+            w_q = _quantize_to(weight, w_fmt, -1, rounding, dtype, scale_rule)
         ctx.save_for_backward(x_q, weight if again else w_q)
-        ctx.settings = (w_fmt, rounding, dtype, again, x.dtype, weight.dtype)
+        ctx.settings = (w_fmt, rounding, scale_rule, dtype, again, x.dtype, weight.dtype)
         ctx.has_bias = bias is not None
         return F.linear(x_q, w_q, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x_q, w = ctx.saved_tensors
-        w_fmt, rounding, dtype, again, x_dtype, w_dtype = ctx.settings
+        w_fmt, rounding, scale_rule, dtype, again, x_dtype, w_dtype = ctx.settings
         grad_x = grad_w = grad_b = None
         g = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[0]:
-            w_q = _quantize_to(w, w_fmt, -1, rounding, dtype) if again else w
+            w_q = _quantize_to(w, w_fmt, -1, rounding, dtype, scale_rule) if again else w
             grad_x = g.mm(w_q).reshape(*grad_out.shape[:-1], -1).to(x_dtype)
         if ctx.needs_input_grad[1]:
             grad_w = g.t().mm(x_q.reshape(-1, x_q.shape[-1])).to(w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 class _QuantizedLinearFunction(torch.autograd.Function):
@@ -277,34 +290,38 @@ class _QuantizedLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_q, w_fmt, a_fmt, g_fmt, rounding, grad_rounding, dtype):
+    def forward(
+        ctx, x, weight, bias, w_q, w_fmt, a_fmt, g_fmt, rounding, grad_rounding, scale_rule, dtype
+    ):
         w_fmt, a_fmt, g_fmt = parse(w_fmt), parse(a_fmt), parse(g_fmt)
         ctx.save_for_backward(x, weight)
-        ctx.settings = (w_fmt, a_fmt, g_fmt, rounding, grad_rounding, dtype)
+        ctx.settings = (w_fmt, a_fmt, g_fmt, rounding, grad_rounding, scale_rule, dtype)
         ctx.has_bias = bias is not None
-        x_q = _quantize_to(x, a_fmt, -1, rounding, dtype)
+        x_q = _quantize_to(x, a_fmt, -1, rounding, dtype, scale_rule)
         if w_q is None:
-            w_q = _quantize_to(weight, w_fmt, -1, rounding, dtype)
+            w_q = _quantize_to(weight, w_fmt, -1, rounding, dtype, scale_rule)
         return F.linear(x_q, w_q, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        w_fmt, a_fmt, g_fmt, rounding, grad_rounding, dtype = ctx.settings
+        w_fmt, a_fmt, g_fmt, rounding, grad_rounding, scale_rule, dtype = ctx.settings
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             # dx = g @ W sums over out_features: g along its last axis, W (out, in) along 0.
-            w_q = _quantize_to(weight, w_fmt, 0, rounding, dtype)
-            grad_x = (quantize(grad_out, g_fmt, -1, grad_rounding) @ w_q).to(x.dtype)
+            w_q = _quantize_to(weight, w_fmt, 0, rounding, dtype, scale_rule)
+            g_q = quantize(grad_out, g_fmt, -1, grad_rounding, scale_rule=scale_rule)
+            grad_x = (g_q @ w_q).to(x.dtype)
         tokens_g = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[1]:
             # dW = g.T @ x sums over the tokens: both blocked along the (flattened) token axis.
             tokens_x = x.reshape(-1, x.shape[-1])
-            x_q = _quantize_to(tokens_x, a_fmt, 0, rounding, dtype)
-            grad_w = (quantize(tokens_g, g_fmt, 0, grad_rounding).T @ x_q).to(weight.dtype)
+            x_q = _quantize_to(tokens_x, a_fmt, 0, rounding, dtype, scale_rule)
+            g_q = quantize(tokens_g, g_fmt, 0, grad_rounding, scale_rule=scale_rule)
+            grad_w = (g_q.T @ x_q).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = tokens_g.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 def _cached_weight(layer: nn.Module, weight: Tensor, dtype: torch.dtype | None) -> Tensor | None:
@@ -316,8 +333,8 @@ def _cached_weight(layer: nn.Module, weight: Tensor, dtype: torch.dtype | None) 
     entry is valid while its key holds: the same parameter object (a weak reference, so that a
     new tensor at a freed address never matches), data pointer, shape, strides and version
     counter, which every in-place write bumps (optimizer steps, ``load_state_dict``, the
-    posterior's ``sample_``/``restore_``), and the same format, rounding, dtype, device and
-    inference mode. Writes through ``.data`` bypass the version counter and are not seen.
+    posterior's ``sample_``/``restore_``), and the same format, rounding, scale rule, dtype,
+    device and inference mode. Writes through ``.data`` bypass the version counter and are not seen.
     One entry per layer, holding one weight-sized tensor in the working dtype.
 
     No cache (and the entry is dropped) when: compiling (the graph quantizes the weight itself,
@@ -342,13 +359,13 @@ def _cached_weight(layer: nn.Module, weight: Tensor, dtype: torch.dtype | None) 
         return None
     key = (
         weight.data_ptr(), weight.shape, weight.stride(), weight._version, weight.device,
-        layer.w_fmt, layer.rounding, dtype, torch.is_inference_mode_enabled(),
+        layer.w_fmt, layer.rounding, layer.scale_rule, dtype, torch.is_inference_mode_enabled(),
     )
     cached = getattr(layer, "_weight_cache", None)
     if cached is not None and cached[0]() is source and cached[1] == key:
         return cached[2]
     with torch.no_grad():
-        w_q = _quantize_to(weight, layer.w_fmt, -1, layer.rounding, dtype)
+        w_q = _quantize_to(weight, layer.w_fmt, -1, layer.rounding, dtype, layer.scale_rule)
     layer._weight_cache = (weakref.ref(source), key, w_q)
     return w_q
 
@@ -359,9 +376,15 @@ def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
 
 
 def _quantize_to(
-    t: Tensor, fmt: Format, axis: int, rounding: Rounding, dtype: torch.dtype | None
+    t: Tensor,
+    fmt: Format,
+    axis: int,
+    rounding: Rounding,
+    dtype: torch.dtype | None,
+    scale_rule: ScaleRule = "floor",
 ) -> Tensor:
-    """``quantize(t, fmt, axis, rounding)`` cast to ``dtype`` (``None``: ``t``'s dtype).
+    """``quantize(t, fmt, axis, rounding, scale_rule=scale_rule)`` cast to ``dtype`` (``None``:
+    ``t``'s dtype).
 
     Compiled, a ragged MX axis is padded here and cut after the cast: Inductor (torch 2.13)
     miscompiles a slice followed by a narrowing cast, leaving uninitialised memory (NaN) in
@@ -370,16 +393,17 @@ def _quantize_to(
     ``quantize``'s own padding does. Eager code has no such bug and pads nothing more.
     """
     if dtype is None or dtype == t.dtype:
-        return quantize(t, fmt, axis, rounding)
+        return quantize(t, fmt, axis, rounding, scale_rule=scale_rule)
     length = t.shape[axis]
     pad = -length % fmt.block_size if fmt.block_size else 0
     if not pad or not torch.compiler.is_compiling():
-        return quantize(t, fmt, axis, rounding).to(dtype)
+        return quantize(t, fmt, axis, rounding, scale_rule=scale_rule).to(dtype)
     axis %= t.ndim
     padded = F.pad(t, (0, 0) * (t.ndim - 1 - axis) + (0, pad))
     # Contiguous, as quantize's output is: a strided operand would take F.linear off addmm
     # (onto a matmul and a separate bias add, which rounds to bf16 twice).
-    return quantize(padded, fmt, axis, rounding).to(dtype).narrow(axis, 0, length).contiguous()
+    q = quantize(padded, fmt, axis, rounding, scale_rule=scale_rule)
+    return q.to(dtype).narrow(axis, 0, length).contiguous()
 
 
 def _by_name(*formats: Format | None) -> tuple[str | Format | None, ...]:
@@ -406,6 +430,7 @@ def quantize_linears(
     rounding: Rounding = "even",
     backend: Backend = "auto",
     grad_rounding: Rounding | None = None,
+    scale_rule: ScaleRule = "floor",
 ) -> list[str]:
     """Turn the selected ``nn.Linear`` layers of ``model`` into :class:`QuantizedLinear`, in place.
 
@@ -430,8 +455,8 @@ def quantize_linears(
 
     Args:
         model: any ``nn.Module``.
-        fmt, w_fmt, a_fmt, g_fmt, quantize_backward, rounding, backend, grad_rounding: as for
-            :class:`QuantizedLinear`;
+        fmt, w_fmt, a_fmt, g_fmt, quantize_backward, rounding, backend, grad_rounding,
+            scale_rule: as for :class:`QuantizedLinear`;
             ``fmt`` may also be a :data:`FormatMap` ``{pattern: format}`` giving each layer its
             own format (for all its operands; not combined with ``w_fmt``/``a_fmt``/``g_fmt``),
             e.g. what :func:`lightning_lowprec.policy.recommend_formats` returns.
@@ -452,6 +477,7 @@ def quantize_linears(
     """
     rounding = _check_rounding(rounding)
     grad_rounding = _check_grad_rounding(grad_rounding, rounding, quantize_backward)
+    scale_rule = _check_scale_rule(scale_rule)
     if isinstance(fmt, Mapping):
         _check_mapping_alone(w_fmt, a_fmt, g_fmt)
         _check_quantize_backward(quantize_backward)
@@ -461,13 +487,14 @@ def quantize_linears(
                    for f in set(per_layer.values())}
         for name, f in per_layer.items():
             _configure(layers[name], (f, f, f if quantize_backward else None),
-                       quantize_backward, rounding, checked[f], grad_rounding)
+                       quantize_backward, rounding, checked[f], grad_rounding, scale_rule)
         return list(per_layer)
     formats = _resolve_formats(fmt, w_fmt, a_fmt, g_fmt, quantize_backward)
     backend = check_backend(backend, *formats)
     linears, selected = _select(model, include, exclude, stacklevel=3)
     for name in selected:
-        _configure(linears[name], formats, quantize_backward, rounding, backend, grad_rounding)
+        _configure(linears[name], formats, quantize_backward, rounding, backend, grad_rounding,
+                   scale_rule)
     return selected
 
 
@@ -538,11 +565,12 @@ def _configure(
     rounding: Rounding,
     backend: Backend,
     grad_rounding: Rounding | None = None,
+    scale_rule: ScaleRule = "floor",
 ) -> None:
     """Make ``layer`` (an ``nn.Linear`` or ``QuantizedLinear``) quantize with these settings."""
     if not isinstance(layer, QuantizedLinear):
         layer.__class__ = _quantized_class(type(layer))
-    layer._configure(*formats, quantize_backward, rounding, backend, grad_rounding)
+    layer._configure(*formats, quantize_backward, rounding, backend, grad_rounding, scale_rule)
 
 
 def _select(
@@ -657,6 +685,15 @@ def _check_rounding(rounding: str) -> Rounding:
             f"Unknown rounding {rounding!r}. Valid modes: {', '.join(ROUNDING_MODES)}."
         )
     return rounding
+
+
+def _check_scale_rule(scale_rule: str) -> ScaleRule:
+    if scale_rule not in SCALE_RULES:
+        raise ValueError(
+            f"Unknown scale_rule {scale_rule!r}. Valid rules: {', '.join(SCALE_RULES)} "
+            "(floor: the OCP MX spec's, the default)."
+        )
+    return scale_rule
 
 
 def _check_grad_rounding(

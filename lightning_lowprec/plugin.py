@@ -43,13 +43,14 @@ from lightning_lowprec.nn import (
     _check_mapping_alone,
     _check_patterns,
     _check_rounding,
+    _check_scale_rule,
     _resolve_formats,
     check_format_map,
     quantize_linears,
 )
 from lightning_lowprec.optim.groups import without_multipliers
 from lightning_lowprec.posterior import is_posterior
-from lightning_lowprec.quantizer import Rounding
+from lightning_lowprec.quantizer import Rounding, ScaleRule
 from lightning_lowprec.sampling import PosteriorSampler
 from lightning_lowprec.scaled_mm import Backend, check_backend
 
@@ -62,6 +63,7 @@ _REPR_DEFAULTS = {
     "quantize_backward": False,
     "rounding": "even",
     "grad_rounding": None,
+    "scale_rule": "floor",
     "backend": "auto",
     "autocast": None,
     "param_dtype": None,
@@ -149,6 +151,9 @@ class LowPrecision(FabricPrecision):
         grad_rounding: the output gradients' rounding, ``None`` (default: ``rounding``) or a
             mode; only with ``quantize_backward=True``. ``rounding="even",
             grad_rounding="stochastic"`` is the common MX recipe (unbiased gradients).
+        scale_rule: the MX block scales, ``"floor"`` (the OCP spec's, default) or ``"rceil"``
+            (NVIDIA's and torchao's MXFP8 rule); see
+            :class:`~lightning_lowprec.nn.QuantizedLinear`.
         backend: ``"auto"`` (default: real FP8 matmuls where the GPU has them for the
             format, else emulated), ``"emulated"`` or ``"scaled_mm"``; see
             :class:`~lightning_lowprec.nn.QuantizedLinear`.
@@ -167,7 +172,7 @@ class LowPrecision(FabricPrecision):
 
     Raises:
         ValueError: an unknown format, rounding (or grad_rounding without
-            ``quantize_backward=True``), autocast mode or param_dtype, ``autocast``
+            ``quantize_backward=True``), scale rule, autocast mode or param_dtype, ``autocast``
             with ``param_dtype``, a format missing for one operand, or
             ``include``/``quantize_backward`` without a format; at setup, a model with no
             Linear layer selected.
@@ -197,6 +202,7 @@ class LowPrecision(FabricPrecision):
         sample: bool = True,
         param_dtype: Literal["bf16"] | None = None,
         grad_rounding: Rounding | None = None,
+        scale_rule: ScaleRule = "floor",
     ) -> None:
         self.w_fmt: Format | None
         self.a_fmt: Format | None
@@ -223,6 +229,7 @@ class LowPrecision(FabricPrecision):
         self.quantize_backward = quantize_backward
         self.rounding = _check_rounding(rounding)
         self.grad_rounding = _check_grad_rounding(grad_rounding, rounding, quantize_backward)
+        self.scale_rule = _check_scale_rule(scale_rule)
         self.backend = check_backend(backend, self.w_fmt, self.a_fmt, self.g_fmt)
         for f in set((self.fmt_map or {}).values()) - {None}:
             check_backend(backend, f, f, f if quantize_backward else None)
@@ -283,6 +290,7 @@ class LowPrecision(FabricPrecision):
                 rounding=self.rounding,
                 backend=self.backend,
                 grad_rounding=self.grad_rounding,
+                scale_rule=self.scale_rule,
             )
             keep_quantized_paths(module)
             warn_unquantized(module, self.include, self.exclude)
@@ -299,6 +307,7 @@ class LowPrecision(FabricPrecision):
             rounding=self.rounding,
             backend=self.backend,
             grad_rounding=self.grad_rounding,
+            scale_rule=self.scale_rule,
         )
         conv1ds = quantize_conv1ds(module, **settings)
         try:
@@ -418,6 +427,7 @@ class LowPrecision(FabricPrecision):
             "quantize_backward": self.quantize_backward,
             "rounding": self.rounding,
             "grad_rounding": self.grad_rounding,
+            "scale_rule": self.scale_rule,
             "backend": self.backend,
             "autocast": self.autocast,
             "param_dtype": self.param_dtype,
@@ -505,6 +515,9 @@ class LowPrecisionPlugin(Precision, LowPrecision):
         grad_rounding: the output gradients' rounding, ``None`` (default: ``rounding``) or a
             mode; only with ``quantize_backward=True``. ``rounding="even",
             grad_rounding="stochastic"`` is the common MX recipe (unbiased gradients).
+        scale_rule: the MX block scales, ``"floor"`` (the OCP spec's, default) or ``"rceil"``
+            (NVIDIA's and torchao's MXFP8 rule); see
+            :class:`~lightning_lowprec.nn.QuantizedLinear`.
         backend: ``"auto"`` (default: real FP8 matmuls where the GPU has them for the
             format, else emulated), ``"emulated"`` or ``"scaled_mm"``; see
             :class:`~lightning_lowprec.nn.QuantizedLinear`.
@@ -521,7 +534,7 @@ class LowPrecisionPlugin(Precision, LowPrecision):
 
     Raises:
         ValueError: an unknown format, rounding (or grad_rounding without
-            ``quantize_backward=True``), autocast mode or param_dtype, ``autocast``
+            ``quantize_backward=True``), scale rule, autocast mode or param_dtype, ``autocast``
             with ``param_dtype``, a format missing for one operand, or
             ``include``/``quantize_backward`` without a format; at setup, a model with no
             Linear layer selected, or use outside a Trainer (e.g. ``L.Fabric(plugins=...)``).

@@ -274,6 +274,20 @@ def _block_scales(
     one E8M0 scale below fp32's normal range (``exp2`` is not guaranteed exact, and
     ``.to(float8_e8m0fnu)`` rounds instead of flooring).
     """
+    biased = _biased_shared_exponents(amax, fmt, scale_rule)
+    # A biased exponent of 0 gives the bits 0 (the value 0.0), which the clamp lifts to 2**-127.
+    scale = (biased << _F32_MANT_BITS).clamp_(min=_F32_MIN_SCALE_BITS).view(torch.float32)
+    inverse = ((2 * _F32_BIAS - biased) << _F32_MANT_BITS).clamp_(min=_F32_MIN_SCALE_BITS)
+    return inverse.view(torch.float32), scale, torch.isfinite(amax)
+
+
+def _biased_shared_exponents(amax: Tensor, fmt: Format, scale_rule: str) -> Tensor:
+    """``shared_exp + 127`` (int32, E8M0's biased code in [0, 254]) of fp32 block maxima.
+
+    The one place the scale rule is decided, so that the quantizer, the ``scaled_mm`` backend
+    and the monitor agree on every block's scale. A NaN/inf ``amax`` gives some code; its
+    block is NaN anyway.
+    """
     if scale_rule == "floor":
         # shared_exp + 127 = floor(log2(amax)) - emax + 127.
         biased = (amax.view(torch.int32) >> _F32_MANT_BITS) - fmt.emax
@@ -285,11 +299,7 @@ def _block_scales(
         biased = (d >> _F32_MANT_BITS) + (d & _F32_MANT_MASK).ne(0)
         biased = torch.where(d > _F32_MIN_SCALE_BITS, biased, 0)
     # Clamped to E8M0's range: shared_exp in [-127, 127].
-    biased = biased.clamp_(E8M0_MIN_EXP + _F32_BIAS, E8M0_MAX_EXP + _F32_BIAS)
-    # A biased exponent of 0 gives the bits 0 (the value 0.0), which the clamp lifts to 2**-127.
-    scale = (biased << _F32_MANT_BITS).clamp_(min=_F32_MIN_SCALE_BITS).view(torch.float32)
-    inverse = ((2 * _F32_BIAS - biased) << _F32_MANT_BITS).clamp_(min=_F32_MIN_SCALE_BITS)
-    return inverse.view(torch.float32), scale, torch.isfinite(amax)
+    return biased.clamp_(E8M0_MIN_EXP + _F32_BIAS, E8M0_MAX_EXP + _F32_BIAS)
 
 
 def _quantize_blocks_in_slices(

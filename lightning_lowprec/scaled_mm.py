@@ -37,8 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_lowprec.formats import E8M0_MAX_EXP, E8M0_MIN_EXP, Format
-from lightning_lowprec.quantizer import Rounding, _tensor_amax_floor, quantize
+from lightning_lowprec.formats import Format
+from lightning_lowprec.quantizer import (
+    Rounding,
+    ScaleRule,
+    _biased_shared_exponents,
+    _tensor_amax_floor,
+    quantize,
+)
 
 __all__ = ["BACKENDS", "Backend"]
 
@@ -57,7 +63,6 @@ _ALIGN = {"tensor": 16, "block": 32}
 """Multiple of which the reduction and output lengths must be (cuBLASLt; MX blocks of 32)."""
 _SCALE_ROWS, _SCALE_COLS = 128, 4
 """The tile of cuBLAS's swizzled block-scale layout (``SwizzleType.SWIZZLE_32_4_4``)."""
-_F32_MANT_BITS, _F32_BIAS = 23, 127
 
 
 def check_backend(
@@ -115,6 +120,7 @@ def scaled_mm_linear(
     g_fmt: Format | None,
     rounding: Rounding,
     grad_rounding: Rounding | None = None,
+    scale_rule: ScaleRule = "floor",
 ) -> Tensor:
     """``F.linear`` on float8 operands: ``Q_a(x) @ Q_w(W).T + b`` in ``x``'s dtype.
 
@@ -123,10 +129,11 @@ def scaled_mm_linear(
     With ``g_fmt`` both backward matmuls run on float8 too (``Q_g(g)``; ``fp8_e5m2`` is the
     usual gradient format), each quantized along its own reduction axis as in the emulation.
     The bias is added in the working dtype. ``grad_rounding`` rounds ``g`` (``None``:
-    ``rounding``).
+    ``rounding``); ``scale_rule`` chooses the MX block scales, as for
+    :func:`~lightning_lowprec.quantize`.
     """
     grad_rounding = rounding if grad_rounding is None else grad_rounding
-    y = _ScaledMMLinear.apply(x, weight, w_fmt, a_fmt, g_fmt, rounding, grad_rounding)
+    y = _ScaledMMLinear.apply(x, weight, w_fmt, a_fmt, g_fmt, rounding, grad_rounding, scale_rule)
     return y if bias is None else y + bias
 
 
@@ -134,10 +141,12 @@ class _ScaledMMLinear(torch.autograd.Function):
     """``Q_a(x) @ Q_w(W).T`` on float8 kernels, with the backward of :func:`scaled_mm_linear`."""
 
     @staticmethod
-    def forward(ctx, x, weight, w_fmt, a_fmt, g_fmt, rounding, grad_rounding):
+    def forward(ctx, x, weight, w_fmt, a_fmt, g_fmt, rounding, grad_rounding, scale_rule):
         tokens = x.reshape(-1, x.shape[-1])
-        a, b = quantize_operand(tokens, a_fmt, rounding), quantize_operand(weight, w_fmt, rounding)
-        ctx.settings = (w_fmt, a_fmt, g_fmt, rounding, grad_rounding, x.shape, x.dtype)
+        a = quantize_operand(tokens, a_fmt, rounding, scale_rule)
+        b = quantize_operand(weight, w_fmt, rounding, scale_rule)
+        ctx.settings = (w_fmt, a_fmt, g_fmt, rounding, grad_rounding, scale_rule, x.shape,
+                        x.dtype)
         if g_fmt is None:
             ctx.save_for_backward(*a, *b)
         else:
@@ -146,7 +155,7 @@ class _ScaledMMLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        w_fmt, a_fmt, g_fmt, rounding, grad_rounding, shape, dtype = ctx.settings
+        w_fmt, a_fmt, g_fmt, rounding, grad_rounding, rule, shape, dtype = ctx.settings
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_w = None
         if g_fmt is None:
@@ -156,29 +165,31 @@ class _ScaledMMLinear(torch.autograd.Function):
                 grad_x = (grad.to(dtype) @ w_q).reshape(shape)
             if ctx.needs_input_grad[1]:
                 grad_w = grad.T.to(dtype) @ _dequantize(a_el, a_sc, a_fmt, shape[-1], dtype)
-            return grad_x, grad_w, None, None, None, None, None
+            return grad_x, grad_w, None, None, None, None, None, None
         tokens, weight = ctx.saved_tensors
-        g = quantize_operand(grad, g_fmt, grad_rounding)
+        g = quantize_operand(grad, g_fmt, grad_rounding, rule)
         if ctx.needs_input_grad[0]:
             # dx = g @ W sums over out_features: W.T's rows are blocked along it.
-            w_t = quantize_operand(weight.T.contiguous(), w_fmt, rounding)
+            w_t = quantize_operand(weight.T.contiguous(), w_fmt, rounding, rule)
             grad_x = _matmul(g, w_t, g_fmt, weight.shape[1], dtype).reshape(shape)
         if ctx.needs_input_grad[1]:
             # dW = g.T @ x sums over the tokens: both transposed, blocked along the tokens.
-            g_t = quantize_operand(grad.T.contiguous(), g_fmt, grad_rounding)
-            x_t = quantize_operand(tokens.T.contiguous(), a_fmt, rounding)
+            g_t = quantize_operand(grad.T.contiguous(), g_fmt, grad_rounding, rule)
+            x_t = quantize_operand(tokens.T.contiguous(), a_fmt, rounding, rule)
             grad_w = _matmul(g_t, x_t, g_fmt, tokens.shape[1], weight.dtype)
-        return grad_x, grad_w, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None
 
 
-def quantize_operand(t: Tensor, fmt: Format, rounding: Rounding) -> tuple[Tensor, Tensor]:
+def quantize_operand(
+    t: Tensor, fmt: Format, rounding: Rounding, scale_rule: ScaleRule = "floor"
+) -> tuple[Tensor, Tensor]:
     """A 2-D ``t`` (rows, K) as float8 elements and the scales that decode them.
 
     Returns ``(elements, scales)``: ``elements`` (rows, K padded to the alignment) in
     ``fmt.torch_dtype``; ``scales`` the fp32 decode scale ``amax / max`` (per-tensor) or the
     E8M0 scale of each block, (rows, K / 32) as ``float8_e8m0fnu`` (MX). ``elements * scales``
     is :func:`~lightning_lowprec.quantize` of ``t`` (along K), up to one fp32 rounding for
-    per-tensor formats and exactly for MX.
+    per-tensor formats and exactly for MX, with the same ``scale_rule``.
     """
     pad = -t.shape[1] % _ALIGN[fmt.scaling]
     if pad:
@@ -190,10 +201,8 @@ def quantize_operand(t: Tensor, fmt: Format, rounding: Rounding) -> tuple[Tensor
     else:
         blocks = t.unflatten(1, (-1, fmt.block_size))
         amax = torch.maximum(blocks.amax(2, keepdim=True), -blocks.amin(2, keepdim=True)).float()
-        exp = ((amax.view(torch.int32) >> _F32_MANT_BITS) - _F32_BIAS - fmt.emax).clamp(
-            E8M0_MIN_EXP, E8M0_MAX_EXP
-        )
-        decode = (exp + _F32_BIAS).to(torch.uint8).view(torch.float8_e8m0fnu)
+        biased = _biased_shared_exponents(amax, fmt, scale_rule)
+        decode = biased.to(torch.uint8).view(torch.float8_e8m0fnu)
         encode = 1 / decode.float()  # a power of two: exact
         t = blocks
     if rounding == "even":
@@ -202,7 +211,7 @@ def quantize_operand(t: Tensor, fmt: Format, rounding: Rounding) -> tuple[Tensor
         values.masked_fill_(~torch.isfinite(amax), torch.nan)
     else:
         # quantize's grid values times the scale: recovered exactly by the nearest float8.
-        values = quantize(t, fmt, -1, rounding).float().mul_(encode)
+        values = quantize(t, fmt, -1, rounding, scale_rule=scale_rule).float().mul_(encode)
     elements = values.to(fmt.torch_dtype).reshape(t.shape[0], -1)
     return elements, decode.float() if fmt.scaling == "tensor" else decode.squeeze(2)
 

@@ -115,13 +115,19 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_lowprec.formats import E8M0_MAX_EXP, E8M0_MIN_EXP, Format
+from lightning_lowprec.formats import Format
 from lightning_lowprec.nn import QuantizedLinear
 from lightning_lowprec.optim.groups import is_multiplier
 from lightning_lowprec.optim.lmd import LMD
 from lightning_lowprec.optim.sharded import global_sums, local
 from lightning_lowprec.posterior import params_of
-from lightning_lowprec.quantizer import Rounding, _exp2, quantize
+from lightning_lowprec.quantizer import (
+    Rounding,
+    ScaleRule,
+    _biased_shared_exponents,
+    _exp2,
+    quantize,
+)
 
 __all__ = ["FabricNormMonitor", "NormMonitor"]
 
@@ -404,7 +410,9 @@ class _Recorder:
             weight = _full(layer.weight.detach())
             weight = weight if dtype is None else weight.to(dtype)
             generator = self._generator(weight.device)
-            sums = _quantization_sums(weight, layer.w_fmt, layer.rounding, generator).to(_F64)
+            sums = _quantization_sums(
+                weight, layer.w_fmt, layer.rounding, generator, layer.scale_rule
+            ).to(_F64)
             elements = sums.new_full((1,), weight.numel())
             operands[name] = {"weight": torch.cat([sums, elements])}
         if self._activations:
@@ -445,7 +453,9 @@ class _Recorder:
                 x = x.to(dtype)
             with torch.no_grad(), torch.autocast(device_type, enabled=False):
                 generator = self._generator(x.device)
-                sums = _quantization_sums(x, layer.a_fmt, layer.rounding, generator)
+                sums = _quantization_sums(
+                    x, layer.a_fmt, layer.rounding, generator, layer.scale_rule
+                )
             total, elements = self._activations.get(name, (0, 0))
             self._activations[name] = (sums + total, elements + x.numel())
             self._operand_dtypes[name] = dtype
@@ -707,26 +717,32 @@ class _GradientsBeforeClipping:
 
 
 def _quantization_sums(
-    x: Tensor, fmt: Format, rounding: Rounding, generator: torch.Generator
+    x: Tensor,
+    fmt: Format,
+    rounding: Rounding,
+    generator: torch.Generator,
+    scale_rule: ScaleRule = "floor",
 ) -> Tensor:
     """``[Σx², Σ(x − Q(x))², saturated, flushed]`` (fp32) of ``x`` quantized to ``fmt``.
 
     Along the last axis, in ``x``'s dtype: as :class:`~lightning_lowprec.nn.QuantizedLinear`
-    quantizes its weight and its input (the reduction axis of the matmul).
+    quantizes its weight and its input (the reduction axis of the matmul), with its scale rule.
     """
-    q = quantize(x, fmt, -1, rounding, generator).float()
+    q = quantize(x, fmt, -1, rounding, generator, scale_rule).float()
     x = x.float()
     flushed = ((x != 0) & (q == 0)).count_nonzero()
-    sums = [x.square().sum(), (x - q).square().sum(), _saturated(x, fmt), flushed]
+    sums = [x.square().sum(), (x - q).square().sum(), _saturated(x, fmt, scale_rule), flushed]
     return torch.stack([s.float() for s in sums])
 
 
-def _saturated(x: Tensor, fmt: Format) -> Tensor:
+def _saturated(x: Tensor, fmt: Format, scale_rule: ScaleRule = "floor") -> Tensor:
     """How many elements of fp32 ``x`` lie beyond the largest magnitude of their MX block.
 
-    The block's largest magnitude is ``max · 2**shared_exp`` with the spec's
-    ``shared_exp = floor(log2(amax)) − emax`` (E8M0-clamped); the quantizer clamps such elements
-    there. Per-tensor formats scale the tensor's amax onto the format's max: nothing saturates.
+    The block's largest magnitude is ``max · 2**shared_exp`` with the quantizer's
+    ``shared_exp`` for ``scale_rule`` (the spec's ``floor(log2(amax)) − emax``, or rceil's
+    ``ceil(log2(amax / max))``, E8M0-clamped); the quantizer clamps such elements there
+    (under rceil almost never: where ``amax / max`` rounds down onto a power of two in fp32).
+    Per-tensor formats scale the tensor's amax onto the format's max: nothing saturates.
     """
     if fmt.scaling == "tensor":
         return x.new_zeros((), dtype=torch.long)
@@ -735,9 +751,7 @@ def _saturated(x: Tensor, fmt: Format) -> Tensor:
     if pad:
         magnitudes = F.pad(magnitudes, (0, pad))
     magnitudes = magnitudes.unflatten(1, (-1, fmt.block_size))
-    # amax = m · 2**e with m in [0.5, 1): floor(log2(amax)) = e − 1, exactly (also subnormal).
-    _, exponent = torch.frexp(magnitudes.amax(-1, keepdim=True))
-    shared = (exponent - 1 - fmt.emax).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
+    shared = _biased_shared_exponents(magnitudes.amax(-1, keepdim=True), fmt, scale_rule) - 127
     return (magnitudes > fmt.max * _exp2(shared)).count_nonzero()
 
 

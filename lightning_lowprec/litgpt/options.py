@@ -39,7 +39,7 @@ import torch
 from lightning_lowprec.formats import FORMATS
 from lightning_lowprec.multipliers import PLACEMENTS
 from lightning_lowprec.nn import DEFAULT_EXCLUDE, check_format_map
-from lightning_lowprec.quantizer import ROUNDING_MODES
+from lightning_lowprec.quantizer import ROUNDING_MODES, SCALE_RULES
 from lightning_lowprec.scaled_mm import BACKENDS
 
 __all__ = [
@@ -77,6 +77,9 @@ class LowPrecOptions:
         rounding: ``"even"``, ``"nearest"`` or ``"stochastic"``.
         grad_rounding: the output gradients' rounding (``null``: ``rounding``); only with
             ``quantize_backward``, e.g. ``even`` operands with ``stochastic`` gradients.
+        scale_rule: the MX block scales, ``"floor"`` (the OCP spec's) or ``"rceil"``
+            (NVIDIA's and torchao's MXFP8 rule); see
+            :class:`~lightning_lowprec.nn.QuantizedLinear`.
         quantize_backward: quantize the backward matmuls too.
         backend: ``"auto"`` (real FP8 matmuls where the GPU has them for ``fmt``, else
             emulated), ``"emulated"`` or ``"scaled_mm"``; see
@@ -117,6 +120,7 @@ class LowPrecOptions:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     rounding: str = "even"
     grad_rounding: str | None = None
+    scale_rule: str = "floor"
     quantize_backward: bool = False
     backend: str = "auto"
     optimizer: dict[str, Any] | None = None
@@ -146,6 +150,8 @@ class LowPrecOptions:
                 f"lowprec.grad_rounding: {self.grad_rounding!r} rounds the quantized gradient; "
                 "it needs lowprec.quantize_backward: true."
             )
+        if self.scale_rule not in SCALE_RULES:
+            raise ValueError(_choices("scale_rule", self.scale_rule, SCALE_RULES))
         if self.backend not in BACKENDS:
             raise ValueError(_choices("backend", self.backend, BACKENDS))
         if self.multipliers is not None and self.multipliers not in PLACEMENTS:
@@ -263,7 +269,7 @@ def resume_changes(
         warnings.append(changed("optimizer"))
     warnings += [
         changed(k)
-        for k in ("fmt", "include", "exclude", "rounding", "grad_rounding",
+        for k in ("fmt", "include", "exclude", "rounding", "grad_rounding", "scale_rule",
                   "quantize_backward", "sample")
         if before[k] != now[k]
     ]

@@ -690,6 +690,7 @@ class RecipeFabric(L.Fabric):
             exclude=options.exclude,
             rounding=options.rounding,
             grad_rounding=options.grad_rounding,
+            scale_rule=options.scale_rule,
             quantize_backward=options.quantize_backward,
             backend=options.backend,
             sample=options.sample,
@@ -843,8 +844,9 @@ def applied(run: _Run, model: nn.Module | None, optimizers: Sequence[Any]) -> st
     else:
         passes = "forward and backward" if options.quantize_backward else "forward"
         kept = sorted(set(linears) - set(quantized))
+        rule = "" if options.scale_rule == "floor" else f", {options.scale_rule} scales"
         parts = [f"{options.fmt} {passes} matmuls in {len(quantized)} of {len(linears)} Linear "
-                 f"layers (rounding {options.rounding}; kept: {', '.join(kept) or 'none'})"]
+                 f"layers (rounding {options.rounding}{rule}; kept: {', '.join(kept) or 'none'})"]
     for optimizer in optimizers:
         lr = optimizer.defaults.get("lr")
         source = "lowprec.optimizer, named groups" if options.optimizer else "litgpt's --optimizer"
