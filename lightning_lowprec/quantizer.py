@@ -60,7 +60,6 @@ SCALE_RULES: tuple[str, ...] = ("floor", "rceil")
 """How an MX block's shared scale is chosen: ``"floor"`` (the OCP spec) or ``"rceil"``."""
 
 
-
 def _tensor_amax_floor(fmt: Format) -> float:
     """The smallest amax a per-tensor scale divides by: ``max * 2**-126``, scale ``2**126``.
 
@@ -68,6 +67,7 @@ def _tensor_amax_floor(fmt: Format) -> float:
     format's max; an absolute floor (once 1e-12) flushed small gradients to zero.
     """
     return fmt.max * 2.0**-126
+
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """What ``quantize`` accepts: the dtypes it widens to fp32 exactly (float8 would need a cast)."""
