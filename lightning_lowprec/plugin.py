@@ -31,7 +31,7 @@ from torch.optim import Optimizer
 
 from lightning_lowprec.callbacks.merge import FACTORS_KEY, unmerge_checkpoint
 from lightning_lowprec.formats import Format
-from lightning_lowprec.fsdp import fsdp_modules, refuse_fsdp1
+from lightning_lowprec.fsdp import fsdp_modules, mark_sharded_multipliers, refuse_fsdp1
 from lightning_lowprec.linear_like import (
     keep_quantized_paths,
     quantize_conv1ds,
@@ -548,8 +548,12 @@ class LowPrecisionPlugin(Precision, LowPrecision):
         self._sampler.claim(optimizers)
         module = next(m for m in model.modules() if isinstance(m, pl.LightningModule))
         self._automatic = module.automatic_optimization
-        # ModelParallelStrategy connects after configure_model's fully_shard.
+        # ModelParallelStrategy connects after configure_model's fully_shard, and after its
+        # model.to(device), which drops the multipliers' marks from their DTensor parameters
+        # (clipping and the monitor leave out the marked ones).
         self._sharded = tuple(weakref.ref(m) for m in fsdp_modules(module))
+        if self._sharded:
+            mark_sharded_multipliers(module)
         return super().connect(model, optimizers, lr_schedulers)
 
     def _reshard(self) -> None:
