@@ -37,7 +37,7 @@ def setup(full: bool, seed: int = 0):  # noqa: ANN201
     from lightning_lowprec import LMD, LowPrecision, fully_shard_blocks
     from lightning_lowprec.callbacks import FabricMergeMultipliers
     from lightning_lowprec.multipliers import add_multipliers
-    from lightning_lowprec.optim import is_multiplier, param_groups
+    from lightning_lowprec.optim import param_groups
 
     strategy = ModelParallelStrategy(fully_shard_blocks, data_parallel_size=2,
                                      tensor_parallel_size=1, save_distributed_checkpoint=not full)
