@@ -14,6 +14,7 @@ parameters at rest; see :class:`LowPrecision`, "Posterior sampling".
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal
@@ -30,7 +31,7 @@ from torch.optim import Optimizer
 
 from lightning_lowprec.callbacks.merge import FACTORS_KEY, unmerge_checkpoint
 from lightning_lowprec.formats import Format
-from lightning_lowprec.fsdp import refuse_fsdp1
+from lightning_lowprec.fsdp import fsdp_modules, mark_sharded_multipliers, refuse_fsdp1
 from lightning_lowprec.linear_like import (
     keep_quantized_paths,
     quantize_conv1ds,
@@ -543,6 +544,8 @@ class LowPrecisionPlugin(Precision, LowPrecision):
     # Set by connect() and around training_step: manual optimisation restores at its end.
     _automatic = True
     _in_training_step = False
+    # Set by connect(): the FSDP2 modules of the LightningModule, resharded at each step.
+    _sharded: tuple[weakref.ref, ...] = ()
 
     def convert_module(self, module: nn.Module) -> nn.Module:
         """As :meth:`LowPrecision.convert_module`, for the Trainer's LightningModule.
@@ -575,7 +578,27 @@ class LowPrecisionPlugin(Precision, LowPrecision):
         self._sampler.claim(optimizers)
         module = next(m for m in model.modules() if isinstance(m, pl.LightningModule))
         self._automatic = module.automatic_optimization
+        # ModelParallelStrategy connects after configure_model's fully_shard, and after its
+        # model.to(device), which drops the multipliers' marks from their DTensor parameters
+        # (clipping and the monitor leave out the marked ones).
+        self._sharded = tuple(weakref.ref(m) for m in fsdp_modules(module))
+        if self._sharded:
+            mark_sharded_multipliers(module)
         return super().connect(model, optimizers, lr_schedulers)
+
+    def _reshard(self) -> None:
+        """FSDP2: put the parameters back into their shards before a step writes them.
+
+        After a forward with no backward (a validation step, the sanity check, a
+        ``training_step`` that returned ``None``) FSDP2 keeps the root module's parameters
+        gathered and the next forward skips the all-gather: a sample (or the point estimate)
+        written into the shards would never reach it. The Fabric plugin does this in its
+        per-forward hook (:class:`~lightning_lowprec.sampling.PosteriorSampler`).
+        """
+        for ref in self._sharded:
+            module = ref()
+            if module is not None:
+                module.reshard()
 
     @contextmanager
     def train_step_context(self) -> Iterator[None]:
@@ -585,6 +608,7 @@ class LowPrecisionPlugin(Precision, LowPrecision):
         the sample (autograd saved the sampled weights), so ``post_backward`` restores.
         Manual optimisation: the backward is inside, so the point estimate is restored here.
         """
+        self._reshard()
         self._sampler.draw()
         self._in_training_step = True
         try:
@@ -600,8 +624,13 @@ class LowPrecisionPlugin(Precision, LowPrecision):
         """Evaluation runs at the point estimate.
 
         It is already in place unless a ``training_step`` returned ``None`` (no backward to
-        restore after) in the middle of gradient accumulation.
+        restore after) in the middle of gradient accumulation; under FSDP2 that forward left
+        its sample gathered, so the gathered copy is dropped and the forward gathers the point
+        estimate from the shards. Otherwise the gathered copy is kept: it is the point
+        estimate, and the later evaluation steps skip the root's all-gather.
         """
+        if self._sampler.held():
+            self._reshard()
         self._sampler.restore()
         with self._dtype_context():
             yield

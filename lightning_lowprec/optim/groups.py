@@ -112,6 +112,10 @@ def param_groups(
         raise ValueError(
             f"multiplier_lr_ratio={multiplier_lr_ratio!r} needs the base lr: pass lr=... too."
         )
+    from lightning_lowprec.fsdp import mark_sharded_multipliers
+
+    # The mark can be gone under FSDP2 (the Trainer's ``model.to(device)`` after sharding).
+    mark_sharded_multipliers(model)
     embedding_ids = {
         id(_stored_weight(m)) for m in model.modules() if isinstance(m, nn.Embedding)
     }
