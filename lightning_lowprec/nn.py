@@ -386,24 +386,27 @@ def _quantize_to(
     """``quantize(t, fmt, axis, rounding, scale_rule=scale_rule)`` cast to ``dtype`` (``None``:
     ``t``'s dtype).
 
-    Compiled, a ragged MX axis is padded here and cut after the cast: Inductor (torch 2.13)
-    miscompiles a slice followed by a narrowing cast, leaving uninitialised memory (NaN) in
-    the short last block (issue 18). ``quantize`` casts before its own slice, but a cast after
-    it would meet the bug again. Zero padding leaves every block's amax, hence every value, as
-    ``quantize``'s own padding does. Eager code has no such bug and pads nothing more.
+    Compiled, a ragged MX axis is quantized and cast eagerly (a graph break):
+    Inductor (torch 2.13) miscompiles a narrowing cast next to the cut of the short last block,
+    leaving wrong values or uninitialised memory (NaN) there (issue 18). Padding before and
+    cutting after the cast was not enough: MXINT8 still came out NaN. Eager code has no such
+    bug, so the values are eager's bit for bit.
     """
     if dtype is None or dtype == t.dtype:
         return quantize(t, fmt, axis, rounding, scale_rule=scale_rule)
-    length = t.shape[axis]
-    pad = -length % fmt.block_size if fmt.block_size else 0
-    if not pad or not torch.compiler.is_compiling():
-        return quantize(t, fmt, axis, rounding, scale_rule=scale_rule).to(dtype)
-    axis %= t.ndim
-    padded = F.pad(t, (0, 0) * (t.ndim - 1 - axis) + (0, pad))
-    # Contiguous, as quantize's output is: a strided operand would take F.linear off addmm
-    # (onto a matmul and a separate bias add, which rounds to bf16 twice).
-    q = quantize(padded, fmt, axis, rounding, scale_rule=scale_rule)
-    return q.to(dtype).narrow(axis, 0, length).contiguous()
+    pad = -t.shape[axis] % fmt.block_size if fmt.block_size else 0
+    if pad and torch.compiler.is_compiling():
+        return _quantize_cast_eagerly(t, fmt, axis, rounding, dtype, scale_rule)
+    return quantize(t, fmt, axis, rounding, scale_rule=scale_rule).to(dtype)
+
+
+@torch._dynamo.disable
+def _quantize_cast_eagerly(
+    t: Tensor, fmt: Format, axis: int, rounding: Rounding, dtype: torch.dtype,
+    scale_rule: ScaleRule,
+) -> Tensor:
+    """:func:`_quantize_to`'s compiled ragged case, run outside the graph."""
+    return quantize(t, fmt, axis, rounding, scale_rule=scale_rule).to(dtype)
 
 
 def _by_name(*formats: Format | None) -> tuple[str | Format | None, ...]:
