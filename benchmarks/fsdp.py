@@ -94,6 +94,9 @@ def worker(rank: int, init: str, n_layer: int, out: str) -> None:
         result = {(strategy, name): measure(strategy, name, n_layer, rank)
                   for name in OPTIMIZERS for strategy in ("DDP", "FSDP2")}
         torch.save(result, Path(out) / f"rank{rank}.pt")
+        # As tests/file_spawn.py: no rank tears its connections down while its peer still
+        # reads the last collective (gloo then aborts the peer with SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
