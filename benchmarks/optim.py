@@ -12,7 +12,9 @@ rounds that alternate with a fused AdamW step on its own copy of the parameters,
 ``step_x_fused`` divides the two minima of that same window (``fused_ms``); ``step_x_foreach``
 is against the ``AdamW foreach`` row. For LMD, "step" is ``optimizer.step()``
 and "sample+step" adds the ``sample_()`` that precedes every forward pass when training with
-noise: the per-iteration optimizer cost.
+noise: the per-iteration optimizer cost. ``peak_step_bytes_per_param`` is the most temporary
+memory one step holds at once (:func:`benchmarks.memory.peak_extra_bytes`, after the timed
+steps, so no state is created in it), per parameter.
 
 Run: ``OMP_NUM_THREADS=1 python -m benchmarks.optim [--threads 1] [--device cuda]``.
 Prints a table and writes ``benchmarks/results/optim.json``.
@@ -26,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks.memory import peak_extra_bytes
 from benchmarks.timing import best_time, print_table, write_json
 from lightning_lowprec import LMD, Madam, MPlusAdam
 
@@ -123,7 +126,8 @@ def main() -> None:
         step_ms, fused_ms = alternating(opt.step, peer.step, device, args.warmup, args.repeats,
                                         args.rounds)
         row = {"optimizer": name, "step_ms": step_ms, "fused_ms": fused_ms,
-               "step_x_fused": step_ms / fused_ms, "state_bytes": state_bytes(opt)}
+               "step_x_fused": step_ms / fused_ms, "state_bytes": state_bytes(opt),
+               "peak_step_bytes_per_param": peak_extra_bytes(opt.step, device) / numel}
         if isinstance(opt, LMD):
             def sample_and_step(opt=opt):
                 opt.sample_()
@@ -144,7 +148,8 @@ def main() -> None:
     print(f"\n{args.model}: {numel / 1e6:.1f}M parameters in {len(shapes)} tensors, {device}, "
           f"{torch.get_num_threads()} threads, min of {args.rounds} x {args.repeats} steps\n")
     print_table(rows, ["optimizer", "step_ms", "fused_ms", "step_x_fused", "step_x_foreach",
-                       "sample_step_ms", "sample_step_x_fused", "state_bytes_per_param"])
+                       "sample_step_ms", "sample_step_x_fused", "state_bytes_per_param",
+                       "peak_step_bytes_per_param"])
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     path = write_json("optim", rows, model=args.model, parameters=numel, tensors=len(shapes),
                       device=device_name, repeats=args.repeats, rounds=args.rounds,

@@ -48,7 +48,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain
 from typing import Any, Literal
 
@@ -64,9 +64,9 @@ from lightning_lowprec.optim.rounding import STOCHASTIC_DTYPES, round_stochastic
 __all__ = [
     "ADAMW_MODES", "COMPILED_MIN_NUMEL", "COMPILE_ENV", "EXP_NORMAL_RANGE",
     "EXP_SMALL_BOUND", "LowPrecisionOptimizer", "NONFINITE_MODES", "by_device", "clamp_where",
-    "compile_works", "compiled", "ema_", "exp_normal", "exp_small", "expm1_small", "flip_sign",
-    "is_real", "require", "require_betas", "require_range", "shared_seed", "use_compiled",
-    "use_foreach",
+    "STEP_SLICE", "compile_works", "compiled", "ema_", "exp_normal", "exp_small", "expm1_small",
+    "flat_slices", "flip_sign", "is_real", "require", "require_betas", "require_range",
+    "shared_seed", "shifted", "slice_batches", "use_compiled", "use_foreach",
 ]
 
 AdamWMode = Literal["auto", "always", "never"]
@@ -356,6 +356,53 @@ def by_device(tensors: list[Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
+STEP_SLICE = 1 << 18
+"""Elements per slice of an eager step (1 MiB per fp32 temporary): an eager kernel's
+temporaries then cost a few MiB whatever the tensor sizes (not up to 20 B per parameter at
+once, as whole-tensor ``torch._foreach_*`` lists did), and they stay in cache between the
+kernel's passes."""
+
+
+def flat_slices(
+    tensors: Sequence[Tensor | None], size: int = STEP_SLICE
+) -> Iterator[tuple[int, list[Tensor | None]]]:
+    """``(start, views)``: aligned flat views of at most ``size`` elements of ``tensors``
+    (each ``None`` or of the first one's ``numel``), ``start`` the first element's index.
+
+    Tensors that are not all contiguous (no flat view writes through) or not larger than
+    ``size`` come back whole, as one ``(0, tensors)``.
+    """
+    n = next(t for t in tensors if t is not None).numel()
+    if n <= size or not all(t is None or t.is_contiguous() for t in tensors):
+        yield 0, list(tensors)
+        return
+    flats = [None if t is None else t.view(-1) for t in tensors]
+    for a in range(0, n, size):
+        yield a, [None if f is None else f[a : a + size] for f in flats]
+
+
+def slice_batches(
+    rows: Sequence[Sequence[Tensor | None]], size: int = STEP_SLICE
+) -> Iterator[list[tuple[int, int, list[Tensor | None]]]]:
+    """Batches of ``(row, start, views)`` of at most ``size`` elements in all, for the
+    ``torch._foreach_*`` kernels: ``rows[i]`` are the aligned tensors of parameter ``i``
+    (its parameter, gradient, states), cut by :func:`flat_slices`; small tensors share a batch
+    (one launch per op for many of them), a large one spans several. A batch's temporaries
+    therefore never exceed ``size`` elements per temporary list."""
+    batch: list[tuple[int, int, list[Tensor | None]]] = []
+    total = 0
+    for i, row in enumerate(rows):
+        for start, views in flat_slices(row, size):
+            n = next(v for v in views if v is not None).numel()
+            if batch and total + n > size:
+                yield batch
+                batch, total = [], 0
+            batch.append((i, start, views))
+            total += n
+    if batch:
+        yield batch
+
+
 def uses_adamw(p: Tensor, mode: str) -> bool:
     """Whether the AdamW rule handles ``p`` under ``mode`` (decided once, at state creation)."""
     if mode == "auto":
@@ -372,6 +419,14 @@ def _write(p: Tensor, w: Tensor, keys: Tensor | None, offset: Tensor | None) -> 
         p.copy_(w)
 
 
+def shifted(offset: Tensor | None, start: int) -> Tensor | int | None:
+    """The noise offset of a slice that begins ``start`` elements into a tensor (or shard)
+    whose own offset is ``offset`` (``None``: 0), for :func:`flat_slices`."""
+    if start == 0:
+        return offset
+    return start if offset is None else offset + start
+
+
 def adamw_tensor(
     p: Tensor, g: Tensor, m: Tensor, v: Tensor, *, lr: float, beta1: float, beta2: float,
     eps: float, weight_decay: float, step: int, keys: Tensor | None = None,
@@ -379,15 +434,17 @@ def adamw_tensor(
 ) -> None:
     """One AdamW step on one tensor; math in fp32, ``m`` and ``v`` are fp32 state. With
     ``keys`` (a bf16 or fp16 ``p``) the result is rounded into ``p`` stochastically, from the
-    noise of element ``offset`` on (a shard's global start) of the keys' stream."""
-    w = p.float()
-    g = g.float()
-    w.mul_(1.0 - lr * weight_decay)
-    m.lerp_(g, 1.0 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    denom = (v.sqrt() / math.sqrt(1.0 - beta2**step)).add_(eps)
-    w.addcdiv_(m, denom, value=-lr / (1.0 - beta1**step))
-    _write(p, w, keys, offset)
+    noise of element ``offset`` on (a shard's global start) of the keys' stream. Runs in
+    :func:`flat_slices`, so its temporaries are a few MiB whatever the tensor's size."""
+    for start, (ps, gs, ms, vs) in flat_slices((p, g, m, v)):
+        w = ps.float()
+        gs = gs.float()
+        w.mul_(1.0 - lr * weight_decay)
+        ms.lerp_(gs, 1.0 - beta1)
+        vs.mul_(beta2).addcmul_(gs, gs, value=1.0 - beta2)
+        denom = vs.sqrt().div_(math.sqrt(1.0 - beta2**step)).add_(eps)
+        w.addcdiv_(ms, denom, value=-lr / (1.0 - beta1**step))
+        _write(ps, w, keys, shifted(offset, start))
 
 
 def adamw_foreach(
@@ -395,21 +452,25 @@ def adamw_foreach(
     beta1: float, beta2: float, eps: float, weight_decay: float, steps: list[int],
     keys: list[Tensor | None] | None = None, offsets: list[Tensor | None] | None = None,
 ) -> None:
-    """:func:`adamw_tensor` over lists with ``torch._foreach_*`` ops (same arithmetic)."""
-    ws = [p.float() for p in ps]
-    gs = [g.float() for g in gs]
-    torch._foreach_mul_(ws, 1.0 - lr * weight_decay)
-    torch._foreach_lerp_(ms, gs, 1.0 - beta1)
-    torch._foreach_mul_(vs, beta2)
-    torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
-    denom = torch._foreach_sqrt(vs)
-    torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in steps])
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(ws, ms, denom, [-lr / (1.0 - beta1**t) for t in steps])
+    """:func:`adamw_tensor` over lists with ``torch._foreach_*`` ops (same arithmetic), in
+    :func:`slice_batches`: one temporary list at a time of at most ``STEP_SLICE`` elements."""
     keys = keys or [None] * len(ps)
     offsets = offsets or [None] * len(ps)
-    for p, w, k, o in zip(ps, ws, keys, offsets, strict=True):
-        _write(p, w, k, o)
+    for batch in slice_batches(list(zip(ps, gs, ms, vs, strict=True))):
+        bp, bg, bm, bv = (list(t) for t in zip(*(views for _, _, views in batch), strict=True))
+        bsteps = [steps[i] for i, _, _ in batch]
+        ws = [p.float() for p in bp]
+        bg = [g.float() for g in bg]
+        torch._foreach_mul_(ws, 1.0 - lr * weight_decay)
+        torch._foreach_lerp_(bm, bg, 1.0 - beta1)
+        torch._foreach_mul_(bv, beta2)
+        torch._foreach_addcmul_(bv, bg, bg, value=1.0 - beta2)
+        denom = torch._foreach_sqrt(bv)
+        torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in bsteps])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(ws, bm, denom, [-lr / (1.0 - beta1**t) for t in bsteps])
+        for (i, start, _), p, w in zip(batch, bp, ws, strict=True):
+            _write(p, w, keys[i], shifted(offsets[i], start))
 
 
 class LowPrecisionOptimizer(Optimizer):
