@@ -248,7 +248,10 @@ def _quantize_blockwise(
         grouped = torch.nn.functional.pad(grouped, (0, 0, 0, pad) if after > 1 else (0, pad))
     blocks = grouped.unflatten(1, (-1, fmt.block_size))
     # max(amax, -amin) is one cheap pass each and propagates NaN; abs() would allocate a copy.
-    amax = torch.maximum(blocks.amax(2, keepdim=True), -blocks.amin(2, keepdim=True))
+    if torch.compiler.is_compiling():
+        amax = blocks.abs().amax(2, keepdim=True)
+    else:
+        amax = torch.maximum(blocks.amax(2, keepdim=True), -blocks.amin(2, keepdim=True))
     inverse, scale, finite = _block_scales(amax.float(), fmt, scale_rule)
     values = blocks * inverse  # the one fp32 buffer; everything after is in place
     _round_elements_(values, fmt, rounding, generator)
@@ -389,6 +392,9 @@ def _round_elements_(
     only the rounding step rounds. The temporaries live in ``scratch`` where given (the CPU
     slice loop), else they are fresh tensors (a graph that Inductor fuses away).
     """
+    if rounding == "even" and scratch is None:
+        v.copy_(_round_even(v, fmt)).clamp_(-fmt.max, fmt.max)
+        return
     quantum: Tensor | float
     if fmt.element == "int":
         quantum = 2.0**-fmt.mbits
@@ -420,6 +426,26 @@ def _round_elements_(
         round_up = draws.lt_(torch.frac(v, out=_take(scratch, "frac", v)))
         v.floor_().add_(round_up)
     v.mul_(quantum).clamp_(-fmt.max, fmt.max)
+
+
+def _round_even(v: Tensor, fmt: Format) -> Tensor:
+    """``v`` rounded to ``fmt``'s element grid (ties to even), before saturation, as one
+    expression for Inductor to fuse: no division and no bit casts (Inductor's CPU code moves
+    a vector through memory for each ``view(torch.int32)``).
+
+    Normal elements keep ``mbits + 1`` significant bits by Veltkamp's split ``c - (c - v)``
+    with ``c = v * (2**(23 - mbits) + 1)``, which is round-to-nearest-even on the fp32 grid
+    (checked over every fp32 mantissa of a binade, both signs); elements below ``2**emin``
+    (and every MXINT8 element) have the fixed quantum ``2**(emin - mbits)``, a power-of-two
+    product away from ``round``. Both keep the sign of zero; ``|v| < 2**(emax + 1)``, so
+    ``c`` never overflows.
+    """
+    low = fmt.min_subnormal
+    fixed = torch.round(v * (1 / low)) * low
+    if fmt.element == "int":
+        return fixed
+    split = v * float(2 ** (_F32_MANT_BITS - fmt.mbits) + 1)
+    return torch.where(v.abs() < fmt.min_normal, fixed, split - (split - v))
 
 
 def _exp2(n: Tensor) -> Tensor:
