@@ -243,27 +243,46 @@ def _quantize_blockwise(
                     fmt, rounding, generator, scale_rule,
                 )
         return out
-    pad = -length % fmt.block_size
-    if pad:
-        grouped = torch.nn.functional.pad(grouped, (0, 0, 0, pad) if after > 1 else (0, pad))
-    blocks = grouped.unflatten(1, (-1, fmt.block_size))
-    # max(amax, -amin) is one cheap pass each and propagates NaN; abs() would allocate a copy.
+    # The whole blocks and the short last block quantized apart and concatenated: Inductor
+    # writes both straight into the output, where padding x cost a copy in and a slice out.
+    full = length - length % fmt.block_size
+    # A loop, not a comprehension: a graph break inside a comprehension's frame (the draw with
+    # an explicit generator) would break the graph once more.
+    pieces = []
+    for start, stop in ((0, full), (full, length)):
+        if stop > start:
+            size = min(fmt.block_size, stop - start)
+            blocks = grouped[:, start:stop].unflatten(1, (-1, size))
+            pieces.append(
+                _quantize_block_view(blocks, fmt, rounding, generator, scale_rule).flatten(1, 2)
+            )
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+    return out.reshape(x.shape)
+
+
+def _quantize_block_view(
+    blocks: Tensor,
+    fmt: Format,
+    rounding: str,
+    generator: torch.Generator | None,
+    scale_rule: str,
+) -> Tensor:
+    """The plain graph on blocks ``(rows, blocks, size[, after])``, reduced over dim 2: a
+    fresh tensor of ``blocks``' shape and dtype."""
+    # Under compile |x| fuses into the reduction (one reduction, not two; in fp32, exact:
+    # Inductor fails to compile several fp16 abs-max reductions in one kernel); eagerly
+    # max(amax, -amin) is one cheap pass each, where abs() would allocate a copy. Both
+    # propagate NaN.
     if torch.compiler.is_compiling():
-        amax = blocks.abs().amax(2, keepdim=True)
+        amax = blocks.float().abs().amax(2, keepdim=True)
     else:
         amax = torch.maximum(blocks.amax(2, keepdim=True), -blocks.amin(2, keepdim=True))
     inverse, scale, finite = _block_scales(amax.float(), fmt, scale_rule)
     values = blocks * inverse  # the one fp32 buffer; everything after is in place
     _round_elements_(values, fmt, rounding, generator)
-    # Cast before cutting the padding off: Inductor (torch 2.13) miscompiles the slice followed
-    # by a narrowing cast, leaving uninitialised memory in the short last block (issue 18).
-    out = values.mul_(scale).to(x.dtype)
     # NaN blocks are filled after the cast so that they hold the output dtype's default NaN:
     # CPU's vectorised fp32 -> bf16 cast writes NaN as 0xFFFF, the scalar one as 0x7FC0.
-    out = out.masked_fill_(~finite, torch.nan).flatten(1, 2)
-    if pad:
-        out = out[:, :length]
-    return out.reshape(x.shape)
+    return values.mul_(scale).to(blocks.dtype).masked_fill_(~finite, torch.nan)
 
 
 def _block_scales(
