@@ -13,12 +13,22 @@ huge pages, see ``THP_MEM_ALLOC_ENABLE``), which every out-of-place op, ours and
 peer's, pays. Also reports the fraction of elements on
 which ours and the peer disagree (both round to nearest-even, so this should be 0).
 
-Run: ``python -m benchmarks.quantize [--size 4096] [--repeat 5] [--no-compile]``.
+glibc hands every freed buffer of 32 MiB and more back to the kernel and faults the next one
+in page by page: on this kind of machine a 64 MiB fp32 output then costs ~35 ms (6-8x
+``copy_``) before any arithmetic, in every out-of-place op, so a kernel's cost is invisible.
+By default the benchmark asks glibc (``mallopt``) to keep freed memory for reuse, as
+PyTorch's caching allocators on accelerators (and jemalloc / tcmalloc on CPU) do, so that the
+times are the kernels'; ``--return-freed-memory`` keeps glibc's default (the
+page-fault-bound numbers, where ``clone()`` is the floor).
+
+Run: ``python -m benchmarks.quantize [--size 4096] [--repeat 5] [--no-compile]
+[--return-freed-memory]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 
 import torch
 
@@ -27,6 +37,23 @@ from lightning_lowprec.formats import FORMATS, Format
 from lightning_lowprec.quantizer import _tensor_amax_floor, quantize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+"""glibc's ``mallopt`` parameters (``malloc.h``)."""
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory (no ``mmap`` per large buffer, no trimming): the next
+    buffer of the same size reuses the pages instead of faulting fresh ones in. Returns
+    whether it took effect (``False`` off glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    )
 
 
 def torchao_mx_dtype(name: str) -> torch.dtype | str | None:
@@ -123,13 +150,20 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per entry (min)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--formats", nargs="*", choices=list(FORMATS), help="default: all")
+    parser.add_argument("--return-freed-memory", action="store_true",
+                        help="keep glibc's default of unmapping freed large buffers (every "
+                        "fresh output then page-faults)")
     args = parser.parse_args()
+    reuse = not args.return_freed_memory and keep_freed_memory()
     torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
     rows = run(args.size, args.repeat, args.formats, not args.no_compile)
+    memory = "freed memory reused" if reuse else "freed memory unmapped (page faults)"
     print(f"fake quantization, {torch.get_num_threads()} threads, min of {args.repeat} "
-          "(wall ms)")
+          f"(wall ms), {memory}")
     print_table(rows, list(rows[0]))
-    print("wrote", write_json("quantize", rows, size=args.size, repeat=args.repeat))
+    path = write_json("quantize", rows, size=args.size, repeat=args.repeat,
+                      reuse_freed_memory=reuse)
+    print("wrote", path)
 
 
 if __name__ == "__main__":

@@ -243,24 +243,46 @@ def _quantize_blockwise(
                     fmt, rounding, generator, scale_rule,
                 )
         return out
-    pad = -length % fmt.block_size
-    if pad:
-        grouped = torch.nn.functional.pad(grouped, (0, 0, 0, pad) if after > 1 else (0, pad))
-    blocks = grouped.unflatten(1, (-1, fmt.block_size))
-    # max(amax, -amin) is one cheap pass each and propagates NaN; abs() would allocate a copy.
-    amax = torch.maximum(blocks.amax(2, keepdim=True), -blocks.amin(2, keepdim=True))
+    # The whole blocks and the short last block quantized apart and concatenated: Inductor
+    # writes both straight into the output, where padding x cost a copy in and a slice out.
+    full = length - length % fmt.block_size
+    # A loop, not a comprehension: a graph break inside a comprehension's frame (the draw with
+    # an explicit generator) would break the graph once more.
+    pieces = []
+    for start, stop in ((0, full), (full, length)):
+        if stop > start:
+            size = min(fmt.block_size, stop - start)
+            blocks = grouped[:, start:stop].unflatten(1, (-1, size))
+            pieces.append(
+                _quantize_block_view(blocks, fmt, rounding, generator, scale_rule).flatten(1, 2)
+            )
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+    return out.reshape(x.shape)
+
+
+def _quantize_block_view(
+    blocks: Tensor,
+    fmt: Format,
+    rounding: str,
+    generator: torch.Generator | None,
+    scale_rule: str,
+) -> Tensor:
+    """The plain graph on blocks ``(rows, blocks, size[, after])``, reduced over dim 2: a
+    fresh tensor of ``blocks``' shape and dtype."""
+    # Under compile |x| fuses into the reduction (one reduction, not two; in fp32, exact:
+    # Inductor fails to compile several fp16 abs-max reductions in one kernel); eagerly
+    # max(amax, -amin) is one cheap pass each, where abs() would allocate a copy. Both
+    # propagate NaN.
+    if torch.compiler.is_compiling():
+        amax = blocks.float().abs().amax(2, keepdim=True)
+    else:
+        amax = torch.maximum(blocks.amax(2, keepdim=True), -blocks.amin(2, keepdim=True))
     inverse, scale, finite = _block_scales(amax.float(), fmt, scale_rule)
     values = blocks * inverse  # the one fp32 buffer; everything after is in place
     _round_elements_(values, fmt, rounding, generator)
-    # Cast before cutting the padding off: Inductor (torch 2.13) miscompiles the slice followed
-    # by a narrowing cast, leaving uninitialised memory in the short last block (issue 18).
-    out = values.mul_(scale).to(x.dtype)
     # NaN blocks are filled after the cast so that they hold the output dtype's default NaN:
     # CPU's vectorised fp32 -> bf16 cast writes NaN as 0xFFFF, the scalar one as 0x7FC0.
-    out = out.masked_fill_(~finite, torch.nan).flatten(1, 2)
-    if pad:
-        out = out[:, :length]
-    return out.reshape(x.shape)
+    return values.mul_(scale).to(blocks.dtype).masked_fill_(~finite, torch.nan)
 
 
 def _block_scales(
@@ -389,6 +411,9 @@ def _round_elements_(
     only the rounding step rounds. The temporaries live in ``scratch`` where given (the CPU
     slice loop), else they are fresh tensors (a graph that Inductor fuses away).
     """
+    if rounding == "even" and scratch is None:
+        v.copy_(_round_even(v, fmt)).clamp_(-fmt.max, fmt.max)
+        return
     quantum: Tensor | float
     if fmt.element == "int":
         quantum = 2.0**-fmt.mbits
@@ -420,6 +445,26 @@ def _round_elements_(
         round_up = draws.lt_(torch.frac(v, out=_take(scratch, "frac", v)))
         v.floor_().add_(round_up)
     v.mul_(quantum).clamp_(-fmt.max, fmt.max)
+
+
+def _round_even(v: Tensor, fmt: Format) -> Tensor:
+    """``v`` rounded to ``fmt``'s element grid (ties to even), before saturation, as one
+    expression for Inductor to fuse: no division and no bit casts (Inductor's CPU code moves
+    a vector through memory for each ``view(torch.int32)``).
+
+    Normal elements keep ``mbits + 1`` significant bits by Veltkamp's split ``c - (c - v)``
+    with ``c = v * (2**(23 - mbits) + 1)``, which is round-to-nearest-even on the fp32 grid
+    (checked over every fp32 mantissa of a binade, both signs); elements below ``2**emin``
+    (and every MXINT8 element) have the fixed quantum ``2**(emin - mbits)``, a power-of-two
+    product away from ``round``. Both keep the sign of zero; ``|v| < 2**(emax + 1)``, so
+    ``c`` never overflows.
+    """
+    low = fmt.min_subnormal
+    fixed = torch.round(v * (1 / low)) * low
+    if fmt.element == "int":
+        return fixed
+    split = v * float(2 ** (_F32_MANT_BITS - fmt.mbits) + 1)
+    return torch.where(v.abs() < fmt.min_normal, fixed, split - (split - v))
 
 
 def _exp2(n: Tensor) -> Tensor:
