@@ -9,14 +9,18 @@ writes each quantized weight as what MX hardware would hold, and :func:`load_mx`
   and MXINT8 one per byte (MXINT8 writes ``-0.0`` as the code ``0x80``, which the format leaves
   unused, so signed zeros survive);
 * one E8M0 byte per block of 32 elements along the layer's reduction axis (``in_features``, the
-  last axis of a Linear weight): ``2**(byte - 127)``, ``0xFF`` for a block that was NaN;
+  last axis of a Linear weight): ``2**(byte - 127)``, ``0xFF`` for a block that was NaN; the
+  scale the layer's ``scale_rule`` chose (``"floor"``, the spec's, or ``"rceil"``), so a weight
+  trained with either rule loads as the one its forward multiplied;
 * everything that is not quantized (embeddings, norms, biases, the LM head) in its own dtype.
 
 So a quantized weight costs ``bits + 8/32`` bits per element (4.25 / 6.25 / 8.25) plus 8 bits
 per row for a last block that is shorter than 32. The file is `safetensors
 <https://github.com/huggingface/safetensors>`_: a packed weight ``NAME`` is stored as the
 ``uint8`` tensors ``NAME.codes`` (flat) and ``NAME.scales`` (``[rows, blocks]``), and the
-metadata entry ``"lightning_lowprec"`` (JSON) gives every tensor's format, dtype and shape.
+metadata entry ``"lightning_lowprec"`` (JSON) gives every tensor's format, dtype and shape, and
+a packed one's ``scale_rule`` (which :class:`PackedLinear` quantizes its input with; an entry
+without one is ``"floor"``).
 
 Only the MX formats pack: a per-tensor ``fp8_*`` scale is no power of two, so those weights
 could not be rebuilt bit for bit from codes and one scale.
@@ -40,7 +44,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_lowprec.formats import E8M0_MAX_EXP, E8M0_MIN_EXP, FORMATS, Format, parse
+from lightning_lowprec.formats import FORMATS, Format, parse
 from lightning_lowprec.nn import (
     DEFAULT_EXCLUDE,
     FormatMap,
@@ -51,7 +55,12 @@ from lightning_lowprec.nn import (
     check_format_map,
     layer_formats,
 )
-from lightning_lowprec.quantizer import quantize
+from lightning_lowprec.quantizer import (
+    SCALE_RULES,
+    ScaleRule,
+    _biased_shared_exponents,
+    quantize,
+)
 
 __all__ = ["METADATA_KEY", "PackedLinear", "export_mx", "load_mx", "pack", "unpack"]
 
@@ -70,6 +79,7 @@ def export_mx(
     *,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE,
+    scale_rule: ScaleRule | None = None,
 ) -> dict[str, str]:
     """Write a packed MX checkpoint of a model (or state dict) to ``path`` (safetensors).
 
@@ -84,23 +94,32 @@ def export_mx(
             select among its 2-D floating ``<module>.weight`` tensors by module name.
         path: the file to write (parents are created).
         include, exclude: module-name patterns, as for ``quantize_linears``.
+        scale_rule: the MX block-scale rule every packed weight is quantized with
+            (``"floor"`` or ``"rceil"``, see :func:`~lightning_lowprec.quantize`); ``None``
+            (default): each :class:`~lightning_lowprec.nn.QuantizedLinear`'s own rule, the
+            spec's ``"floor"`` for other layers and for a state dict.
 
     Returns:
         ``{tensor name: format name}`` of the weights that were packed.
 
     Raises:
-        ValueError: an unknown or per-tensor (``fp8_*``) format, a state dict with a single
-            format or ``None``, ``None`` for a model without quantized layers, no weight
-            selected, or a model whose quantized layers use ``scale_rule="rceil"`` (the
-            packed checkpoint and :func:`load_mx` hold the OCP spec's floor scales).
+        ValueError: an unknown or per-tensor (``fp8_*``) format or scale rule, a state dict
+            with a single format or ``None``, ``None`` for a model without quantized layers,
+            or no weight selected.
     """
+    if scale_rule is not None and scale_rule not in SCALE_RULES:
+        raise ValueError(
+            f"Unknown scale_rule {scale_rule!r}. Valid rules: {', '.join(SCALE_RULES)}, or None "
+            "(each QuantizedLinear's own rule, floor elsewhere)."
+        )
     if isinstance(model_or_state_dict, nn.Module):
-        _refuse_rceil(model_or_state_dict)
         state = model_or_state_dict.state_dict()
         formats = _model_weight_formats(model_or_state_dict, fmt, include, exclude)
+        rules = _model_scale_rules(model_or_state_dict, formats, scale_rule)
     else:
         state = dict(model_or_state_dict)
         formats = _state_dict_weight_formats(state, fmt, include, exclude)
+        rules = dict.fromkeys(formats, scale_rule or "floor")
     for name, f in formats.items():
         if f.scaling != "block":
             raise ValueError(
@@ -123,9 +142,9 @@ def export_mx(
             tensors[name] = value.clone() if shared else value.contiguous()
             entries[name] = {"format": None, **entry}
             continue
-        codes, scales = pack(value, f)
+        codes, scales = pack(value, f, rules[name])
         tensors[name + _CODES], tensors[name + _SCALES] = codes, scales
-        entries[name] = {"format": f.name, **entry}
+        entries[name] = {"format": f.name, "scale_rule": rules[name], **entry}
     metadata = {METADATA_KEY: json.dumps({"version": FORMAT_VERSION, "tensors": entries})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,19 +152,18 @@ def export_mx(
     return {name: f.name for name, f in formats.items()}
 
 
-def _refuse_rceil(model: nn.Module) -> None:
-    """Refuse layers trained with rceil scales: packing uses the spec's floor scales, so the
-    exported weights (and the inputs ``load_mx``'s layers quantize) would not be the ones the
-    model was trained with."""
-    for name, layer in model.named_modules():
-        rule = getattr(layer, "scale_rule", "floor")
-        if isinstance(layer, QuantizedLinear) and rule != "floor":
-            raise ValueError(
-                f"export_mx packs MX weights with the OCP spec's floor scales, but layer "
-                f"{name or '<the model itself>'!r} quantizes with scale_rule={rule!r}. "
-                "Supported: scale_rule='floor'; export the state_dict with an explicit fmt "
-                "mapping to re-quantize the weights with floor scales."
-            )
+def _model_scale_rules(
+    model: nn.Module, formats: Mapping[str, Format], scale_rule: ScaleRule | None
+) -> dict[str, ScaleRule]:
+    """``{weight key: scale rule}``: ``scale_rule``, else the layer's own (floor for a plain
+    Linear), so that the packed weight is the one the layer's forward multiplied."""
+    rules = {}
+    for key in formats:
+        layer_name = key.rpartition(".")[0]
+        layer = model.get_submodule(layer_name)
+        own = layer.scale_rule if isinstance(layer, QuantizedLinear) else "floor"
+        rules[key] = own if scale_rule is None else scale_rule
+    return rules
 
 
 def load_mx(
@@ -189,7 +207,7 @@ def load_mx(
         entries = header["tensors"]
         stored = {key: file.get_tensor(key) for key in file.keys()}
     state: dict[str, Tensor] = {}
-    packed: dict[str, tuple[Tensor, Tensor, Format, torch.Size, torch.dtype]] = {}
+    packed: dict[str, tuple[tuple[Tensor, Tensor, Format, torch.Size, torch.dtype], str]] = {}
     for name, entry in entries.items():
         if entry["format"] is None:
             state[name] = stored[name]
@@ -199,11 +217,11 @@ def load_mx(
         if dequantize:
             state[name] = unpack(*spec)
         else:
-            packed[name] = spec
+            packed[name] = (spec, entry.get("scale_rule", "floor"))
     if model is None:
         return state
-    for name, spec in packed.items():
-        _replace_with_packed(model, name, spec, state)
+    for name, (spec, rule) in packed.items():
+        _replace_with_packed(model, name, spec, rule, state)
     model.load_state_dict(state, strict=True)
     return model
 
@@ -211,15 +229,18 @@ def load_mx(
 class PackedLinear(nn.Module):
     """A Linear layer whose weight stays packed (MX codes and E8M0 scales) between forwards.
 
-    Forward: ``quantize(x, input_fmt) @ W.T + bias`` with ``W`` decoded from the packed bytes
-    (bit for bit ``quantize(W_trained, fmt)``), the input quantized along ``in_features`` as
-    the training forward did. Decoding costs one pass over the weight per forward; the memory
-    at rest is that of the file. For inference only (the packed bytes have no gradient).
+    Forward: ``quantize(x, input_fmt, scale_rule=scale_rule) @ W.T + bias`` with ``W`` decoded
+    from the packed bytes (bit for bit ``quantize(W_trained, fmt, scale_rule=scale_rule)``),
+    the input quantized along ``in_features`` as the training forward did. Decoding costs one
+    pass over the weight per forward; the memory at rest is that of the file. For inference
+    only (the packed bytes have no gradient).
 
     Attributes:
         codes: ``uint8`` buffer, the packed element codes.
         scales: ``uint8`` buffer ``[out_features, blocks]``, the E8M0 block scales.
         fmt: the weight's format; ``input_fmt`` that of the input (``None``: not quantized).
+        scale_rule: the MX block-scale rule the input is quantized with (the weight's, which
+            its packed scales already hold).
     """
 
     def __init__(
@@ -231,10 +252,12 @@ class PackedLinear(nn.Module):
         dtype: torch.dtype,
         bias: Tensor | None = None,
         input_fmt: Format | None = None,
+        scale_rule: ScaleRule = "floor",
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = shape
         self.fmt, self.input_fmt, self.dtype = fmt, input_fmt, dtype
+        self.scale_rule = scale_rule
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -246,16 +269,23 @@ class PackedLinear(nn.Module):
                       torch.Size((self.out_features, self.in_features)), self.dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        x = input if self.input_fmt is None else quantize(input, self.input_fmt, -1)
+        if self.input_fmt is None:
+            x = input
+        else:
+            x = quantize(input, self.input_fmt, -1, scale_rule=self.scale_rule)
         return F.linear(x, self.weight.to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
+        rule = "" if self.scale_rule == "floor" else f", scale_rule={self.scale_rule}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, fmt={self.fmt.name}")
+                f"bias={self.bias is not None}, fmt={self.fmt.name}{rule}")
 
 
-def pack(weight: Tensor, fmt: str | Format) -> tuple[Tensor, Tensor]:
-    """``quantize(weight, fmt)`` (blocks along the last axis) as packed codes and E8M0 scales.
+def pack(
+    weight: Tensor, fmt: str | Format, scale_rule: ScaleRule = "floor"
+) -> tuple[Tensor, Tensor]:
+    """``quantize(weight, fmt, scale_rule=scale_rule)`` (blocks along the last axis) as packed
+    codes and E8M0 scales.
 
     Returns:
         ``(codes, scales)``: ``codes`` a flat ``uint8`` tensor of ``ceil(n * bits / 8)`` bytes
@@ -263,7 +293,8 @@ def pack(weight: Tensor, fmt: str | Format) -> tuple[Tensor, Tensor]:
         ``uint8`` tensor of ``weight.shape[:-1] + (blocks,)``.
 
     Raises:
-        ValueError: a per-tensor format, or a 0-D or non-floating ``weight``.
+        ValueError: a per-tensor format, an unknown scale rule, or a 0-D or non-floating
+            ``weight``.
         RuntimeError: the codes would not decode to ``quantize(weight, fmt)`` exactly (a
             quantizer whose output is off its own format's grid).
     """
@@ -273,17 +304,30 @@ def pack(weight: Tensor, fmt: str | Format) -> tuple[Tensor, Tensor]:
             f"pack needs an MX format ({', '.join(_block_formats())}) and a tensor of at least "
             f"one dimension; got {fmt.name!r} and shape {tuple(weight.shape)}."
         )
+    if scale_rule not in SCALE_RULES:
+        raise ValueError(
+            f"Unknown scale_rule {scale_rule!r}. Valid rules: {', '.join(SCALE_RULES)}."
+        )
     # The fp32 grid values: quantize in fp32 is bit for bit quantize in bf16/fp16 before its
     # final cast, and every MX grid value is an fp32.
-    q = quantize(weight.detach().float(), fmt, -1)
-    blocks = _blocks(q, fmt.block_size)
-    amax = torch.maximum(blocks.amax(-1, keepdim=True), -blocks.amin(-1, keepdim=True))
-    # The quantizer's block maximum lies in [2**emax, max] * 2**shared_exp (a larger one
-    # saturates below 2**(emax + 1)), or below it where shared_exp is clamped at -127: so
-    # shared_exp is floor(log2 amax(Q(W))) - emax, clamped, read off the exponent bits.
-    shared = ((amax.view(torch.int32) >> 23) - 127 - fmt.emax).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
+    source = weight.detach().float()
+    q = quantize(source, fmt, -1, scale_rule=scale_rule)
+    # Each block's shared exponent as the quantizer chose it, from the source block maxima
+    # (zero padding changes no maximum) and the same helper: exact for either rule.
+    padded = _blocks(source, fmt.block_size)
+    amax = torch.maximum(padded.amax(-1, keepdim=True), -padded.amin(-1, keepdim=True))
+    shared = _biased_shared_exponents(amax, fmt, scale_rule) - _E8M0_BIAS
     nan = ~torch.isfinite(amax)
-    elements = (blocks * _pow2(-shared)).masked_fill(nan, 0.0)
+    elements = _blocks(q, fmt.block_size) * _pow2(-shared)
+    overflow = torch.isinf(elements) & ~nan
+    if overflow.any():
+        # rceil can round a block max within 2**-(mbits + 1) of fp32's max up past it: the MX
+        # value (code times scale) is fine, its fp32 value inf. Half the block has the same
+        # codes under a scale one lower, and a finite quantized value to read them off.
+        halved = quantize(source / 2, fmt, -1, scale_rule=scale_rule)
+        elements = torch.where(overflow, _blocks(halved, fmt.block_size) * _pow2(1 - shared),
+                               elements)
+    elements = elements.masked_fill(nan, 0.0)
     scales = (shared + _E8M0_BIAS).to(torch.uint8).masked_fill_(nan, _E8M0_NAN).squeeze(-1)
     length = weight.shape[-1]
     codes = _encode(elements.flatten(-2)[..., :length], fmt)
@@ -463,10 +507,11 @@ def _state_dict_weight_formats(
 
 def _replace_with_packed(
     model: nn.Module, key: str, spec: tuple[Tensor, Tensor, Format, torch.Size, torch.dtype],
-    state: dict[str, Tensor],
+    scale_rule: str, state: dict[str, Tensor],
 ) -> None:
     """Swap the Linear layer owning weight ``key`` for a :class:`PackedLinear` holding
-    ``spec``; ``state`` gets the new layer's buffers."""
+    ``spec`` (and quantizing its input with ``scale_rule``); ``state`` gets the new layer's
+    buffers."""
     layer_name, _, leaf = key.rpartition(".")
     layer = model.get_submodule(layer_name) if layer_name else None
     if leaf != "weight" or not isinstance(layer, nn.Linear):
@@ -476,7 +521,7 @@ def _replace_with_packed(
         )
     bias = None if layer.bias is None else torch.empty_like(layer.bias)  # loaded from state
     input_fmt = layer.a_fmt if isinstance(layer, QuantizedLinear) else spec[2]
-    packed = PackedLinear(*spec, bias=bias, input_fmt=input_fmt)
+    packed = PackedLinear(*spec, bias=bias, input_fmt=input_fmt, scale_rule=scale_rule)
     parent_name, _, child = layer_name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, packed)
     state[f"{layer_name}.codes"], state[f"{layer_name}.scales"] = packed.codes, packed.scales

@@ -87,7 +87,8 @@ class QuantizedLinear(nn.Linear):
     codes and scale (a bf16 amax moves the scale of every element), and the cast rounds the
     dequantized operand once, as a bf16 matmul of it must. The gradient matmuls
     (``quantize_backward=True``) quantize the saved source-dtype ``x`` and ``W`` the same way.
-    ``backend="scaled_mm"`` still casts its operands to the autocast dtype first.
+    ``backend="scaled_mm"`` quantizes the same source-dtype operands to its float8 codes and
+    scales, and its kernels write the autocast dtype.
 
     Args:
         in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
@@ -207,9 +208,8 @@ class QuantizedLinear(nn.Linear):
         """The quantized ``F.linear`` with the matmul in ``dtype`` (``None``: the operands')."""
         if use_scaled_mm(self.backend, x.device, self.w_fmt, self.a_fmt, self.g_fmt):
             return scaled_mm_linear(
-                _cast(x, dtype), _cast(weight, dtype), bias,
-                self.w_fmt, self.a_fmt, self.g_fmt, self.rounding, self.grad_rounding,
-                self.scale_rule,
+                x, weight, bias, self.w_fmt, self.a_fmt, self.g_fmt, self.rounding,
+                self.grad_rounding, self.scale_rule, dtype,
             )
         if self.quantize_backward:
             return _QuantizedLinearFunction.apply(
@@ -368,11 +368,6 @@ def _cached_weight(layer: nn.Module, weight: Tensor, dtype: torch.dtype | None) 
         w_q = _quantize_to(weight, layer.w_fmt, -1, layer.rounding, dtype, layer.scale_rule)
     layer._weight_cache = (weakref.ref(source), key, w_q)
     return w_q
-
-
-def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """``t`` in ``dtype`` (``None``: unchanged)."""
-    return t if dtype is None else t.to(dtype)
 
 
 def _quantize_to(

@@ -121,8 +121,10 @@ def scaled_mm_linear(
     rounding: Rounding,
     grad_rounding: Rounding | None = None,
     scale_rule: ScaleRule = "floor",
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """``F.linear`` on float8 operands: ``Q_a(x) @ Q_w(W).T + b`` in ``x``'s dtype.
+    """``F.linear`` on float8 operands: ``Q_a(x) @ Q_w(W).T + b`` in ``dtype`` (``None``:
+    ``x``'s).
 
     Backward with ``g_fmt=None`` (straight-through): ``dx = g @ Q_w(W)``, ``dW = g.T @ Q_a(x)``
     in the working dtype, from the float8 operands kept by the forward (one byte per element).
@@ -131,9 +133,18 @@ def scaled_mm_linear(
     The bias is added in the working dtype. ``grad_rounding`` rounds ``g`` (``None``:
     ``rounding``); ``scale_rule`` chooses the MX block scales, as for
     :func:`~lightning_lowprec.quantize`.
+
+    ``dtype`` is the working dtype (autocast's): the matmuls write it and the backward's
+    straight-through matmuls run in it, as the emulated backend's do; ``bias`` must be in it.
+    Every operand is quantized from its own dtype (the fp32 weight, say), never from a copy
+    cast to ``dtype``: that would round twice (a bf16 amax moves the scale, a bf16 element
+    can round to another code), and the float8 operands would differ from the emulated
+    backend's. The gradients come back in ``x``'s and ``weight``'s dtypes.
     """
     grad_rounding = rounding if grad_rounding is None else grad_rounding
-    y = _ScaledMMLinear.apply(x, weight, w_fmt, a_fmt, g_fmt, rounding, grad_rounding, scale_rule)
+    dtype = x.dtype if dtype is None else dtype
+    y = _ScaledMMLinear.apply(x, weight, w_fmt, a_fmt, g_fmt, rounding, grad_rounding, scale_rule,
+                              dtype)
     return y if bias is None else y + bias
 
 
@@ -141,43 +152,45 @@ class _ScaledMMLinear(torch.autograd.Function):
     """``Q_a(x) @ Q_w(W).T`` on float8 kernels, with the backward of :func:`scaled_mm_linear`."""
 
     @staticmethod
-    def forward(ctx, x, weight, w_fmt, a_fmt, g_fmt, rounding, grad_rounding, scale_rule):
+    def forward(ctx, x, weight, w_fmt, a_fmt, g_fmt, rounding, grad_rounding, scale_rule, dtype):
         tokens = x.reshape(-1, x.shape[-1])
         a = quantize_operand(tokens, a_fmt, rounding, scale_rule)
         b = quantize_operand(weight, w_fmt, rounding, scale_rule)
         ctx.settings = (w_fmt, a_fmt, g_fmt, rounding, grad_rounding, scale_rule, x.shape,
-                        x.dtype)
+                        dtype, x.dtype, weight.dtype)
         if g_fmt is None:
             ctx.save_for_backward(*a, *b)
         else:
             ctx.save_for_backward(tokens, weight)
-        return _matmul(a, b, a_fmt, weight.shape[0], x.dtype).reshape(*x.shape[:-1], -1)
+        return _matmul(a, b, a_fmt, weight.shape[0], dtype).reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        w_fmt, a_fmt, g_fmt, rounding, grad_rounding, rule, shape, dtype = ctx.settings
+        w_fmt, a_fmt, g_fmt, rounding, grad_rounding, rule, shape, dtype, x_dtype, w_dtype = (
+            ctx.settings)
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_w = None
         if g_fmt is None:
             a_el, a_sc, b_el, b_sc = ctx.saved_tensors
             if ctx.needs_input_grad[0]:
                 w_q = _dequantize(b_el, b_sc, w_fmt, shape[-1], dtype)
-                grad_x = (grad.to(dtype) @ w_q).reshape(shape)
+                grad_x = (grad.to(dtype) @ w_q).reshape(shape).to(x_dtype)
             if ctx.needs_input_grad[1]:
-                grad_w = grad.T.to(dtype) @ _dequantize(a_el, a_sc, a_fmt, shape[-1], dtype)
-            return grad_x, grad_w, None, None, None, None, None, None
+                a_q = _dequantize(a_el, a_sc, a_fmt, shape[-1], dtype)
+                grad_w = (grad.T.to(dtype) @ a_q).to(w_dtype)
+            return grad_x, grad_w, None, None, None, None, None, None, None
         tokens, weight = ctx.saved_tensors
         g = quantize_operand(grad, g_fmt, grad_rounding, rule)
         if ctx.needs_input_grad[0]:
             # dx = g @ W sums over out_features: W.T's rows are blocked along it.
             w_t = quantize_operand(weight.T.contiguous(), w_fmt, rounding, rule)
-            grad_x = _matmul(g, w_t, g_fmt, weight.shape[1], dtype).reshape(shape)
+            grad_x = _matmul(g, w_t, g_fmt, weight.shape[1], dtype).reshape(shape).to(x_dtype)
         if ctx.needs_input_grad[1]:
             # dW = g.T @ x sums over the tokens: both transposed, blocked along the tokens.
             g_t = quantize_operand(grad.T.contiguous(), g_fmt, grad_rounding, rule)
             x_t = quantize_operand(tokens.T.contiguous(), a_fmt, rounding, rule)
-            grad_w = _matmul(g_t, x_t, g_fmt, tokens.shape[1], weight.dtype)
-        return grad_x, grad_w, None, None, None, None, None, None
+            grad_w = _matmul(g_t, x_t, g_fmt, tokens.shape[1], dtype).to(w_dtype)
+        return grad_x, grad_w, None, None, None, None, None, None, None
 
 
 def quantize_operand(

@@ -12,6 +12,7 @@ import torch
 from conftest import make_gpt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 from torch import nn
 
 from lightning_lowprec import FORMATS, quantize, quantize_linears
@@ -23,6 +24,7 @@ from lightning_lowprec.export import (
     pack,
     unpack,
 )
+from lightning_lowprec.quantizer import SCALE_RULES
 
 MX_FORMATS = [name for name, f in FORMATS.items() if f.scaling == "block"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -61,11 +63,78 @@ def weights(draw):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(weights())
-def test_unpack_of_pack_is_quantize_bit_for_bit(args):
+@given(weights(), st.sampled_from(SCALE_RULES))
+def test_unpack_of_pack_is_quantize_bit_for_bit(args, rule):
     w, fmt = args
-    codes, scales = pack(w, fmt)
-    assert bits_equal(unpack(codes, scales, fmt, w.shape, w.dtype), quantize(w, fmt))
+    codes, scales = pack(w, fmt, rule)
+    assert bits_equal(unpack(codes, scales, fmt, w.shape, w.dtype),
+                      quantize(w, fmt, scale_rule=rule))
+
+
+@pytest.mark.parametrize("fmt", MX_FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rceil_round_trip_is_exact_and_keeps_rceil_scales(fmt, dtype):
+    """Every MX format: rceil codes and scales decode to ``quantize(..., scale_rule="rceil")``
+    bit for bit, also where the rules choose different scales (block maxima just above the
+    element max times a power of two: floor saturates them, rceil takes the next scale)."""
+    f = FORMATS[fmt]
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 70, generator=gen) * torch.logspace(-20, 20, 16)[:, None]
+    w[:, 0] = f.max * 1.005 * 2.0 ** torch.arange(-8, 8).float()  # floor saturates these
+    w[3, 40] = math.nan
+    # rceil rounds this block's max up past fp32's max (inf in fp32, a valid MX value; found
+    # by hypothesis): the codes still round-trip.
+    w[5, 69] = 3.2965e38
+    w = w.to(dtype)
+    codes, scales = pack(w, fmt, "rceil")
+    assert bits_equal(unpack(codes, scales, fmt, w.shape, dtype),
+                      quantize(w, fmt, scale_rule="rceil"))
+    _, floor_scales = pack(w, fmt, "floor")
+    assert (scales != floor_scales).any()  # not vacuous: the rule is in the scales
+    assert not bits_equal(quantize(w, fmt, scale_rule="rceil"), quantize(w, fmt))
+
+
+def test_an_rceil_model_exports_and_loads_back_exactly(tmp_path):
+    """A GPT trained with rceil scales: the export records the rule, ``load_mx`` returns the
+    rceil weights, and packed layers quantize their input with rceil too, so the logits equal
+    the fake-quantized model's bit for bit (and differ from floor's)."""
+    gpt = make_gpt()
+    quantize_linears(gpt, "mxfp8_e4m3", scale_rule="rceil")
+    path = tmp_path / "m.safetensors"
+    formats = export_mx(gpt, None, path)
+    with safe_open(str(path), "pt") as file:
+        entries = json.loads(file.metadata()[METADATA_KEY])["tensors"]
+    assert {entries[key]["scale_rule"] for key in formats} == {"rceil"}
+    state = load_mx(path)
+    for key in formats:
+        expected = quantize(gpt.state_dict()[key], "mxfp8_e4m3", scale_rule="rceil")
+        assert bits_equal(state[key], expected), key
+    packed = load_mx(path, make_gpt(seed=1), dequantize=False)
+    assert packed.transformer.h[0].attn.qkv.scale_rule == "rceil"
+    assert "scale_rule=rceil" in repr(packed.transformer.h[0].attn.qkv)
+    with torch.no_grad():
+        expected = gpt(tokens())
+        assert torch.equal(packed(tokens()), expected)
+        quantize_linears(gpt, "mxfp8_e4m3")  # floor: other logits
+        assert not torch.equal(gpt(tokens()), expected)
+
+
+def test_scale_rule_argument_overrides_the_layers_and_applies_to_state_dicts(tmp_path):
+    gpt = make_gpt()
+    quantize_linears(gpt, "mxfp6_e2m3", scale_rule="rceil")
+    export_mx(gpt, None, tmp_path / "a.safetensors", scale_rule="floor")
+    key = "transformer.h.0.mlp.fc.weight"
+    weight = gpt.state_dict()[key]
+    assert bits_equal(load_mx(tmp_path / "a.safetensors")[key], quantize(weight, "mxfp6_e2m3"))
+    export_mx(gpt.state_dict(), {"transformer.h": "mxfp6_e2m3"}, tmp_path / "b.safetensors",
+              scale_rule="rceil")
+    assert bits_equal(load_mx(tmp_path / "b.safetensors")[key],
+                      quantize(weight, "mxfp6_e2m3", scale_rule="rceil"))
+    with pytest.raises(ValueError, match=r"Unknown scale_rule 'ceil'.*floor, rceil"):
+        export_mx(gpt, None, tmp_path / "c.safetensors", scale_rule="ceil")
+    with pytest.raises(ValueError, match=r"Unknown scale_rule 'ceil'.*floor, rceil"):
+        pack(weight, "mxfp6_e2m3", "ceil")
+    assert not (tmp_path / "c.safetensors").exists()
 
 
 @pytest.mark.parametrize("fmt", MX_FORMATS)
@@ -159,8 +228,6 @@ def test_a_nan_block_unpacks_to_quantizes_nan_bits(shape, dtype):
 
 
 def test_metadata_names_every_tensor_and_its_format(tmp_path):
-    from safetensors import safe_open
-
     gpt = make_gpt()
     mapping = {"attn.qkv": "mxfp8_e4m3", "mlp": "mxfp4_e2m1", "*": None}
     formats = export_mx(gpt, mapping, tmp_path / "m.safetensors")
@@ -172,6 +239,7 @@ def test_metadata_names_every_tensor_and_its_format(tmp_path):
         stored = set(file.keys())
     assert entries.keys() == gpt.state_dict().keys()
     assert entries["transformer.h.0.mlp.proj.weight"]["format"] == "mxfp4_e2m1"
+    assert entries["transformer.h.0.mlp.proj.weight"]["scale_rule"] == "floor"
     assert entries["transformer.wte.weight"] == {
         "format": None, "dtype": "float32", "shape": [4096, 128]}
     assert "transformer.h.0.mlp.proj.weight.codes" in stored
@@ -217,6 +285,11 @@ def test_lowprec_litgpt_export_mx_writes_beside_the_checkpoint(tmp_path, capsys)
     assert summary["bytes"] < summary["source_bytes"]
     main(["export_mx", str(directory), "--fmt", "{mlp: mxfp8_e4m3}"])
     assert json.loads(capsys.readouterr().out)["formats"] == {"mxfp8_e4m3": 2}
+    (directory / "lowprec.yaml").write_text("lowprec:\n  fmt: mxfp8_e4m3\n  scale_rule: rceil\n")
+    main(["export_mx", str(directory)])
+    with safe_open(str(directory / EXPORT_FILE), "pt") as file:
+        entries = json.loads(file.metadata()[METADATA_KEY])["tensors"]
+    assert {e["scale_rule"] for e in entries.values() if e["format"]} == {"rceil"}
 
 
 @pytest.mark.slow

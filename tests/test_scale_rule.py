@@ -13,7 +13,6 @@ from torch import nn
 
 from lightning_lowprec import LowPrecision, LowPrecisionPlugin, QuantizedLinear, quantize
 from lightning_lowprec.callbacks.monitor import _quantization_sums
-from lightning_lowprec.export import export_mx
 from lightning_lowprec.formats import parse
 from lightning_lowprec.nn import quantize_linears
 from lightning_lowprec.scaled_mm import quantize_operand
@@ -180,14 +179,6 @@ def test_monitor_saturation_follows_the_rule():
     assert floor[2] > 0 and rceil[2] == 0
     q_rceil = quantize(x, FMT, scale_rule=RULE)
     assert rceil[1] == (x - q_rceil).square().sum()
-
-
-def test_export_refuses_an_rceil_model(tmp_path):
-    model = nn.Sequential(nn.Linear(64, 32))
-    quantize_linears(model, FMT, exclude=None, scale_rule=RULE)
-    with pytest.raises(ValueError, match="scale_rule='rceil'.*Supported: scale_rule='floor'"):
-        export_mx(model, None, tmp_path / "w.safetensors")
-    assert not (tmp_path / "w.safetensors").exists()
 
 
 def test_litgpt_runner_says_it_in_its_summary_line():

@@ -322,3 +322,70 @@ def test_float8_matmuls_meet_the_cuda_kernels_layout_rules(fmt, quantize_backwar
     assert y.shape == (tokens, d_out) and y.dtype == torch.float32
     dx, dw = torch.autograd.grad(y, (x, weight), torch.ones_like(y))
     assert dx.shape == x.shape and dw.shape == weight.shape
+
+
+def record_float8_matmuls(monkeypatch) -> list[tuple[torch.Tensor, ...]]:
+    """Patch both float8 matmuls to record ``(a, b, scale_a, scale_b, out_dtype)`` (``b`` as
+    rows of the reduction axis, as ``quantize_operand`` returns it); per-tensor ones still run,
+    block-scaled ones (no CPU kernel) return zeros."""
+    calls = []
+    real = torch._scaled_mm
+
+    def tensorwise(a, b, scale_a, scale_b, out_dtype):
+        calls.append((a, b.T, scale_a, scale_b, out_dtype))
+        return real(a, b, scale_a, scale_b, out_dtype=out_dtype)
+
+    def blockwise(a, b, scale_a, recipe_a, scale_b, recipe_b, *, output_dtype, **_):
+        calls.append((a, b.T, scale_a, scale_b, output_dtype))
+        return torch.zeros(a.shape[0], b.shape[1], dtype=output_dtype)
+
+    monkeypatch.setattr(torch, "_scaled_mm", tensorwise)
+    monkeypatch.setattr(torch.nn.functional, "scaled_mm", blockwise)
+    return calls
+
+
+def same_operand(recorded: tuple[torch.Tensor, torch.Tensor], expected, fmt) -> bool:
+    """A recorded float8 operand (elements, scales as the kernel got them) equals
+    ``quantize_operand``'s ``expected``, bit for bit; ``recorded`` may have padded rows."""
+    (el, sc), (el_e, sc_e) = recorded, expected
+    if fmt.scaling == "block":
+        # Zero rows padded before the swizzle are the swizzle's own padding: same bytes.
+        sc, sc_e = sc.view(torch.uint8), _swizzle(sc_e).view(torch.uint8)
+    return torch.equal(el[: el_e.shape[0]].view(torch.uint8), el_e.view(torch.uint8)) and (
+        torch.equal(sc, sc_e))
+
+
+@pytest.mark.parametrize("fmt", TENSORWISE + BLOCKWISE)
+@pytest.mark.parametrize("quantize_backward", [False, True])
+def test_autocast_quantizes_the_fp32_operands_not_their_bf16_casts(monkeypatch, fmt,
+                                                                   quantize_backward):
+    """Under bf16 autocast every float8 operand (forward and quantized backward) holds the
+    codes and scales of the fp32 ``x`` and ``W``; the kernels write bf16, the gradients come
+    back fp32. Quantizing the bf16 casts (the old behaviour) rounds twice: other codes and,
+    per-tensor, another scale."""
+    f = parse(fmt)
+    calls = record_float8_matmuls(monkeypatch)
+    monkeypatch.setattr("lightning_lowprec.nn.use_scaled_mm", lambda *args: True)  # MX on CPU
+    torch.manual_seed(0)
+    layer = QuantizedLinear(72, 40, fmt=fmt, backend="scaled_mm",
+                            quantize_backward=quantize_backward)
+    x = (torch.randn(6, 72) * torch.logspace(-2, 1, 72)).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    grad = torch.randn(6, 40).to(torch.bfloat16)
+    dx, dw = torch.autograd.grad(y, (x, layer.weight), grad)
+    assert y.dtype == torch.bfloat16 and dx.dtype == dw.dtype == torch.float32
+    w = layer.weight.detach()
+    expected = [(quantize_operand(x.detach(), f, "even"), quantize_operand(w, f, "even"))]
+    if quantize_backward:
+        expected += [
+            (quantize_operand(grad, f, "even"), quantize_operand(w.T.contiguous(), f, "even")),
+            (quantize_operand(grad.T.contiguous(), f, "even"),
+             quantize_operand(x.detach().T.contiguous(), f, "even")),
+        ]
+    for (a, b, scale_a, scale_b, out_dtype), (qa, qb) in zip(calls, expected, strict=True):
+        assert out_dtype == torch.bfloat16
+        assert same_operand((a, scale_a), qa, f) and same_operand((b, scale_b), qb, f)
+    # Not vacuous: the bf16 casts quantize to other float8 operands.
+    cast = quantize_operand(w.to(torch.bfloat16), f, "even")
+    assert not same_operand(cast, expected[0][1], f)

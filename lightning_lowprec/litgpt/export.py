@@ -3,7 +3,8 @@
 Writes ``CHECKPOINT_DIR/lit_model.mx.safetensors`` (:func:`lightning_lowprec.export.export_mx`)
 beside litgpt's ``lit_model.pth``, with the formats the run trained with: the ``fmt``,
 ``include`` and ``exclude`` of the ``lowprec.yaml`` that ``lowprec-litgpt`` saved there, unless
-``--fmt`` (a format name, or a YAML mapping ``{pattern: format}``) says otherwise. The
+``--fmt`` (a format name, or a YAML mapping ``{pattern: format}``) says otherwise, and always
+its ``scale_rule`` (the MX block scales the run quantized with; ``floor`` if none is recorded). The
 checkpoint's multipliers are already merged into its weights, so the packed weights are the
 ones the training forward quantized.
 """
@@ -68,7 +69,8 @@ def export_checkpoint(checkpoint_dir: str | Path, fmt: Any = None) -> dict[str, 
     state = torch.load(source, map_location="cpu", weights_only=True)
     model.load_state_dict(state.get("model", state))
     path = directory / EXPORT_FILE
-    formats = export_mx(model, fmt, path, include=include, exclude=exclude)
+    formats = export_mx(model, fmt, path, include=include, exclude=exclude,
+                        scale_rule=section.get("scale_rule", "floor"))
     counts: dict[str, int] = {}
     for name in formats.values():
         counts[name] = counts.get(name, 0) + 1
