@@ -384,8 +384,13 @@ def _quantize_to(
     Compiled, a ragged MX axis is quantized and cast eagerly (a graph break):
     Inductor (torch 2.13) miscompiles a narrowing cast next to the cut of the short last block,
     leaving wrong values or uninitialised memory (NaN) there (issue 18). Padding before and
-    cutting after the cast was not enough: MXINT8 still came out NaN. Eager code has no such
-    bug, so the values are eager's bit for bit.
+    cutting after the cast was not enough: MXINT8 still came out NaN. The fused kernel's
+    output loop runs over ``length // 32`` whole blocks and never writes the short last one
+    (seen for MXINT8, whose constant quantum gives a smaller kernel; ``quantize(x,
+    "mxint8").to(torch.bfloat16)`` of a (51, 72) fp32 ``x``: columns 64-71 wrong). Taking the
+    columns of the padded, quantized and cast tensor with ``index_select`` instead of a slice
+    fixes lengths 40, 51 and 72 but not 4001 (a one-element last block). Eager code has no
+    such bug, so the values are eager's bit for bit.
     """
     if dtype is None or dtype == t.dtype:
         return quantize(t, fmt, axis, rounding, scale_rule=scale_rule)
