@@ -390,7 +390,11 @@ def _quantize_to(
     "mxint8").to(torch.bfloat16)`` of a (51, 72) fp32 ``x``: columns 64-71 wrong). Taking the
     columns of the padded, quantized and cast tensor with ``index_select`` instead of a slice
     fixes lengths 40, 51 and 72 but not 4001 (a one-element last block). Eager code has no
-    such bug, so the values are eager's bit for bit.
+    such bug, so the values are eager's bit for bit. The cast is not the trigger: any fused
+    pointwise consumer does it, ``torch.compile(lambda t: quantize(t, "mxint8") * 2)`` of an
+    fp32 (17, 72) ``t`` is wrong in all 136 elements of the short last blocks ((3, 4001): 3),
+    and so does an opaque cast (a ``torch.library.custom_op`` after the fp32 ``quantize``,
+    static shapes; exact with ``dynamic=True``): only quantizing outside the graph is exact.
     """
     if dtype is None or dtype == t.dtype:
         return quantize(t, fmt, axis, rounding, scale_rule=scale_rule)
