@@ -65,6 +65,7 @@ def candidates() -> dict[str, Callable]:
         "AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
         "LMD default": lambda ps: LMD(ps, seed=0),
         "LMD foreach": lambda ps: LMD(ps, seed=0, compiled=False, foreach=True),
+        "LMD eager": lambda ps: LMD(ps, seed=0, compiled=False),
         "LMD compiled": lambda ps: LMD(ps, seed=0, compiled=True),
         "M+Adam default": lambda ps: MPlusAdam(ps, seed=0),
         "M+Adam foreach": lambda ps: MPlusAdam(ps, seed=0, compiled=False, foreach=True),

@@ -44,10 +44,13 @@ from lightning_lowprec.optim.base import (
     compiled,
     ema_,
     exp_normal,
+    flat_slices,
     require,
     require_betas,
     require_range,
     shared_seed,
+    shifted,
+    slice_batches,
     use_compiled,
     use_foreach,
 )
@@ -151,7 +154,8 @@ def _update_tensor(
 
     ``hp`` = (lr, 1 - momentum, 1 - sign_beta, weight_decay, log m_ref, low, high, sigma,
     point-estimate scale): floats in eager mode, a 1-D fp32 tensor when compiled. Used by the
-    single-tensor path and, through :func:`compiled`, by the compiled path (``inline``: see
+    single-tensor path on each slice (:func:`_update_sliced`) and, through :func:`compiled`,
+    by the compiled path on whole tensors (``inline``: see
     :func:`_exp_`; ``low_weight``: ``1 - momentum < 0.5``, see :func:`ema_`; ``offset``: see
     :func:`_sample_tensor`).
     """
@@ -160,17 +164,18 @@ def _update_tensor(
     if separate:
         if drawn:
             xp, xn = normal_pair(lp.numel(), keys, noise, offset)
-            tp = _exp_(lp + sigma * xp.view_as(lp), inline, guard=True)
-            tn = _exp_(ln + sigma * xn.view_as(ln), inline, guard=True)
+            tp = _exp_(xp.view_as(lp).mul_(sigma).add_(lp), inline, guard=True)
+            tn = _exp_(xn.view_as(ln).mul_(sigma).add_(ln), inline, guard=True)
         else:
             tp, tn = _exp_(lp.clone(), inline, True), _exp_(ln.clone(), inline, True)
-        cp = _sign_update(up, g * tp, w_momentum, w_sign, interp, low_weight)
-        cn = _sign_update(un, (g * tn).neg_(), w_momentum, w_sign, interp, low_weight)
+        cp = _sign_update(up, tp.mul_(g), w_momentum, w_sign, interp, low_weight)
+        cn = _sign_update(un, tn.mul_(g).neg_(), w_momentum, w_sign, interp, low_weight)
     else:
         cp = _sign_update(up, g, w_momentum, w_sign, interp, low_weight)
-        cn = cp.neg()
+        cn = None  # -cp: subtracted below instead of added (the same values, one pass less)
     for log_m, c in ((lp, cp), (ln, cn)):
-        t = (log_m - lmr).mul_(wd).add_(c)
+        t = (log_m - lmr).mul_(wd)
+        t = t.add_(c) if c is not None else t.sub_(cp)
         log_m.sub_(t.mul_(lr))
         if inline:  # compiled: the cheaper spelling of the same clamp
             log_m.copy_(clamp_where(log_m, low, high))
@@ -179,13 +184,47 @@ def _update_tensor(
     _point_estimate_tensor(p, lp, ln, scale, mean, inline=inline)
 
 
+def _update_sliced(
+    p: Tensor, g: Tensor, lp: Tensor, ln: Tensor, up: Tensor, un: Tensor | None,
+    keys: Tensor | None, hp: Sequence[float], *, offset: Tensor | None = None, **flags: Any,
+) -> None:
+    """:func:`_update_tensor`, eagerly, on the :func:`~lightning_lowprec.optim.base.flat_slices`
+    of the tensor: the same values (a slice takes its part of the tensor's noise, see
+    :func:`~lightning_lowprec.optim.base.shifted`) with a few MiB of temporaries instead of up
+    to 32 bytes per element, and each slice's passes run in cache."""
+    for start, (ps, gs, lps, lns, ups, uns) in flat_slices((p, g, lp, ln, up, un)):
+        _update_tensor(ps, gs, lps, lns, ups, uns, keys, hp, offset=shifted(offset, start),
+                       **flags)
+
+
 def _update_foreach(
     ps: list[Tensor], gs: list[Tensor], lps: list[Tensor], lns: list[Tensor],
     ups: list[Tensor], uns: list[Tensor] | None, keys: list[Tensor | None],
     hps: list[Sequence[float]], *, separate: bool, interp: bool, drawn: bool, noise: str,
     mean: bool, offsets: list[Tensor | None] | None = None,
 ) -> None:
-    """:func:`_update_tensor` over lists with ``torch._foreach_*`` ops (same arithmetic)."""
+    """:func:`_update_tensor` over lists with ``torch._foreach_*`` ops (same arithmetic), in
+    :func:`~lightning_lowprec.optim.base.slice_batches`: each temporary list holds at most
+    ``STEP_SLICE`` elements, whatever the tensors' sizes."""
+    offsets = offsets or [None] * len(ps)
+    rows = list(zip(ps, gs, lps, lns, ups, uns or [None] * len(ps), strict=True))
+    for batch in slice_batches(rows):
+        views = [list(t) for t in zip(*(v for _, _, v in batch), strict=True)]
+        _update_batch(
+            *views, [keys[i] for i, _, _ in batch],
+            [shifted(offsets[i], start) for i, start, _ in batch],
+            [hps[i] for i, _, _ in batch], separate=separate, interp=interp, drawn=drawn,
+            noise=noise, mean=mean,
+        )
+
+
+def _update_batch(
+    ps: list[Tensor], gs: list[Tensor], lps: list[Tensor], lns: list[Tensor],
+    ups: list[Tensor], uns: list[Tensor | None], keys: list[Tensor | None],
+    offsets: list[Tensor | int | None], hps: list[Sequence[float]], *, separate: bool,
+    interp: bool, drawn: bool, noise: str, mean: bool,
+) -> None:
+    """One batch of :func:`_update_foreach` (views of at most ``STEP_SLICE`` elements)."""
     lr, w_momentum, w_sign, wd, _, _, _, sigma, scale = hps[0]
     lmrs, lows, highs = ([hp[i] for hp in hps] for i in (4, 5, 6))
     gs = [g.float() for g in gs]
@@ -202,24 +241,27 @@ def _update_foreach(
     if separate:
         if drawn:
             tps, tns = [], []
-            offsets = offsets or [None] * len(lps)
             for lp, ln, k, o in zip(lps, lns, keys, offsets, strict=True):
                 xp, xn = normal_pair(lp.numel(), k, noise, o)
-                tps.append(torch.exp(lp + sigma * xp.view_as(lp)))
-                tns.append(torch.exp(ln + sigma * xn.view_as(ln)))
+                tps.append(xp.view_as(lp).mul_(sigma).add_(lp).exp_())
+                tns.append(xn.view_as(ln).mul_(sigma).add_(ln).exp_())
         else:
             tps, tns = torch._foreach_exp(lps), torch._foreach_exp(lns)
-        vns = torch._foreach_mul(gs, tns)
-        torch._foreach_neg_(vns)
-        cps = signs(ups, torch._foreach_mul(gs, tps))
-        cns = signs(uns, vns)
+        torch._foreach_mul_(tps, gs)
+        torch._foreach_mul_(tns, gs)
+        torch._foreach_neg_(tns)
+        cps = signs(ups, tps)
+        cns = signs(uns, tns)
     else:
         cps = signs(ups, gs)
-        cns = torch._foreach_neg(cps)
+        cns = None  # -cps, as in _update_tensor
     for log_ms, cs in ((lps, cps), (lns, cns)):
         ts = torch._foreach_sub(log_ms, lmrs)
         torch._foreach_mul_(ts, wd)
-        torch._foreach_add_(ts, cs)
+        if cs is not None:
+            torch._foreach_add_(ts, cs)
+        else:
+            torch._foreach_sub_(ts, cps)
         torch._foreach_mul_(ts, lr)
         torch._foreach_sub_(log_ms, ts)
         torch._foreach_clamp_min_(log_ms, lows)
@@ -673,7 +715,7 @@ class LMD(LowPrecisionOptimizer):
                    **flags)
         elif not use_foreach(group, device):
             for p, s, un, k, hp in zip(params, states, moms_neg, keys, hps, strict=True):
-                _update_tensor(p, p.grad, s["log_median_pos"], s["log_median_neg"],
+                _update_sliced(p, p.grad, s["log_median_pos"], s["log_median_neg"],
                                s["momentum"], un, k, hp, offset=s.get("offset"), **flags)
         else:
             for idx in by_device(params):
