@@ -399,6 +399,20 @@ def test_hash_matches_its_scalar_twin():
     assert counter_rng.hash32(x).tolist() == expected
 
 
+@pytest.mark.parametrize("offset", [0, 12345, 2**30 + 17, 3 * 2**30 - 600, 2**40 + 5])
+def test_folded_high_index_gives_the_words_of_the_int64_index(offset):
+    """The compiled sample's int32 index with the high part folded into the key (issue 15)
+    draws the words the int64 index path draws, also past 2**30 and for large shards."""
+    words = counter_rng.derive_keys(5, 1, 2)
+    ref = counter_rng.random_words(
+        500, torch.tensor(words, dtype=torch.int32), 2, torch.tensor(offset))
+    folded, low = counter_rng.fold_high(words, offset, 500)
+    got = counter_rng.random_words(500, torch.tensor(folded, dtype=torch.int32), 2,
+                                   torch.tensor(low, dtype=torch.int32))
+    assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))
+    assert counter_rng.fold_high(words, 2**30 - 10, 20) is None  # crosses 2**30: int64 path
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("weight_decay", [0.1, 0.0])  # inline exp / torch.exp (unbounded)
 def test_compiled_noise_and_step_match_eager(weight_decay):
@@ -428,17 +442,19 @@ def test_compiled_noise_and_step_match_eager(weight_decay):
             torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("offset", [0, 12345, 2**31 + 7])  # a shard's start
 @pytest.mark.parametrize("noise", ["irwin_hall", "box_muller"])
-def test_eager_sample_in_chunks_equals_the_whole_tensor_bitwise(noise):
+def test_eager_sample_in_chunks_equals_the_whole_tensor_bitwise(noise, offset):
     from lightning_lowprec.optim import lmd
 
     n = 3 * lmd._EAGER_CHUNK + 1234
     g = torch.Generator().manual_seed(0)
     lp, ln = torch.randn(n, generator=g) - 3, torch.randn(n, generator=g) - 3
-    keys = torch.tensor(counter_rng.derive_keys(0, 1, 2, 3), dtype=torch.int32)
+    words = counter_rng.derive_keys(0, 1, 2, 3)
+    keys = torch.tensor(words, dtype=torch.int32)
     whole, chunked = torch.empty(n), torch.empty(n)
-    lmd._sample_tensor(whole, lp, ln, keys, 0.05, noise)
-    lmd._sample_chunked(chunked, lp, ln, keys, 0.05, noise)
+    lmd._sample_tensor(whole, lp, ln, keys, 0.05, noise, torch.tensor(offset))
+    lmd._sample_chunked(chunked, lp, ln, keys, 0.05, noise, offset)
     assert torch.equal(whole, chunked)
 
 

@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["NOISE_KINDS", "derive_keys", "hash32", "normal_pair", "random_words"]
+__all__ = ["NOISE_KINDS", "derive_keys", "fold_high", "hash32", "normal_pair", "random_words"]
 
 NoiseKind = Literal["irwin_hall", "box_muller"]
 NOISE_KINDS: tuple[str, ...] = ("irwin_hall", "box_muller")
@@ -106,9 +106,15 @@ def random_words(
         offset: index of the first element (``None``: 0) — an int (an eager chunk), or an
             int64 scalar tensor (a shard's global offset, so a compiled caller does not
             recompile per shard). The split index path below gives every index the words the
-            int32 path does.
+            int32 path does. An int32 scalar tensor is the low part ``offset mod 2**30`` of a
+            range that stays below the next multiple of ``2**30``, with ``keys[0]`` already
+            folded by :func:`fold_high` (the compiled sample: one hash and no int64 index per
+            element fewer, same words).
     """
-    if isinstance(offset, Tensor):
+    if isinstance(offset, Tensor) and offset.dtype == torch.int32:
+        index = torch.arange(numel, dtype=torch.int32, device=keys.device).add_(offset)
+        y = hash32(index.bitwise_xor_(keys[0]))
+    elif isinstance(offset, Tensor):
         index = torch.arange(numel, dtype=torch.int64, device=keys.device).add_(offset)
         high = (index >> _LOW_BITS).to(torch.int32)
         low = (index & ((1 << _LOW_BITS) - 1)).to(torch.int32)
@@ -122,6 +128,17 @@ def random_words(
         low = (index & ((1 << _LOW_BITS) - 1)).to(torch.int32)
         y = hash32(low ^ hash32(high + keys[0]))
     return [hash32(y ^ keys[s + 1]) for s in range(streams)]
+
+
+def fold_high(keys: list[int], offset: int, numel: int) -> tuple[list[int], int] | None:
+    """``(keys', low)`` such that ``random_words(numel, keys', offset=low)`` with ``low`` as an
+    int32 tensor gives the words of elements ``offset ..`` under ``keys``: ``keys'[0]`` is
+    ``hash32(offset // 2**30 + keys[0])``, the per-element hash of the index's high part
+    hoisted out of the element loop. ``None`` when the range crosses a multiple of ``2**30``."""
+    high, low = offset >> _LOW_BITS, offset & ((1 << _LOW_BITS) - 1)
+    if low + numel > 1 << _LOW_BITS:
+        return None
+    return [_signed32(_mix32(high + keys[0])), *keys[1:]], low
 
 
 def _irwin_hall(x: Tensor) -> Tensor:

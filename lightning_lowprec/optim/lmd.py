@@ -54,7 +54,13 @@ from lightning_lowprec.optim.base import (
     use_compiled,
     use_foreach,
 )
-from lightning_lowprec.optim.counter_rng import NOISE_KINDS, NoiseKind, derive_keys, normal_pair
+from lightning_lowprec.optim.counter_rng import (
+    NOISE_KINDS,
+    NoiseKind,
+    derive_keys,
+    fold_high,
+    normal_pair,
+)
 from lightning_lowprec.posterior import sampled_params, track
 
 __all__ = ["INITS", "LMD", "LogMedians"]
@@ -505,19 +511,29 @@ class LMD(LowPrecisionOptimizer):
                     continue
                 if self._sampled is None:
                     self._adopt_write(p, group, state)
-                keys = self._keys(group, state["index"], state["step"], shard.device, draw)
+                words = self._key_words(group, state["index"], state["step"], draw)
                 lp = sharded.local(state["log_median_pos"])
                 ln = sharded.local(state["log_median_neg"])
                 noise = group["noise"]
+                start = sharded.flat_offset(p)
                 if use_compiled(group, shard.device):
                     fast = True
                     sigma = torch.tensor(group["sigma"], dtype=torch.float32, device=shard.device)
-                    compiled(_sample_tensor)(shard, lp, ln, keys, sigma, noise,
-                                             sharded.offset_tensor(p),
+                    # One graph for plain tensors and shards (see sharded.offset_tensor): the
+                    # offset is always a tensor, int32 with the high part folded into the keys
+                    # unless the range crosses a multiple of 2**30.
+                    folded = fold_high(words, start, shard.numel())
+                    if folded is None:
+                        offset = torch.tensor(start, dtype=torch.int64, device=shard.device)
+                    else:
+                        words, low = folded
+                        offset = torch.tensor(low, dtype=torch.int32, device=shard.device)
+                    keys = torch.tensor(words, dtype=torch.int32, device=shard.device)
+                    compiled(_sample_tensor)(shard, lp, ln, keys, sigma, noise, offset,
                                              inline=_exp_in_range(group, state["log_m_ref"]))
                 else:
-                    _sample_chunked(shard, lp, ln, keys, group["sigma"], noise,
-                                    sharded.flat_offset(p))
+                    keys = torch.tensor(words, dtype=torch.int32, device=shard.device)
+                    _sample_chunked(shard, lp, ln, keys, group["sigma"], noise, start)
         self._sampled, self._sampled_draw = sampled, draw
         if fast:
             self._report_compile("sample", start)
@@ -610,11 +626,17 @@ class LMD(LowPrecisionOptimizer):
     ) -> Tensor:
         """Keys of the sample that update ``step + 1`` of parameter ``index`` follows (or of
         predictive draw ``draw`` at that step)."""
-        if draw is None:
-            words = derive_keys(group["seed"], index, step, _PURPOSE_SAMPLE)
-        else:
-            words = derive_keys(group["seed"], index, step, _PURPOSE_PREDICT, draw)
+        words = LMD._key_words(group, index, step, draw)
         return torch.tensor(words, dtype=torch.int32, device=device)
+
+    @staticmethod
+    def _key_words(
+        group: dict[str, Any], index: int, step: int, draw: int | None = None
+    ) -> list[int]:
+        """:meth:`_keys` as Python ints."""
+        if draw is None:
+            return derive_keys(group["seed"], index, step, _PURPOSE_SAMPLE)
+        return derive_keys(group["seed"], index, step, _PURPOSE_PREDICT, draw)
 
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         if state["adamw"]:
