@@ -12,6 +12,11 @@ An additive step smaller than half a unit in the last place of ``w`` rounds away
 ``|w| * 2**-9``), so large weights stop moving in a coarse format; the multiplicative step is
 relative, so it survives rounding once ``lr_m`` exceeds the format's relative half-ulp (BF16
 ~0.2-0.4 %, E4M3 3-6 %). There is no FP32 master copy: the rounded weight *is* the weight.
+
+The storage formats are emulated: the rounded weight is written into the parameter in its own
+dtype (``storage`` never changes it), so the bytes saved are those of the parameter's dtype.
+With bf16 parameters weights + state are 10 B/param (AdamW with an fp32 master: 16); with fp32
+parameters 16 B/param whatever the storage (fp32 AdamW: 12), FP8 and FP4 values included.
 """
 
 from __future__ import annotations
