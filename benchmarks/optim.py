@@ -72,6 +72,9 @@ def candidates() -> dict[str, Callable]:
         "M+Adam compiled": lambda ps: MPlusAdam(ps, seed=0, compiled=True),
         "M+Adam bf16-SR compiled": lambda ps: MPlusAdam(
             ps, seed=0, storage="bf16", rounding="stochastic", compiled=True),
+        **{f"M+Adam {st} compiled": (lambda ps, st=st: MPlusAdam(ps, seed=0, storage=st,
+                                                                 compiled=True))
+           for st in ("fp8_e4m3", "fp8_e5m2", "fp4_e2m1")},
         "Madam default": lambda ps: Madam(ps),
         "Madam foreach": lambda ps: Madam(ps, compiled=False, foreach=True),
         "Madam compiled": lambda ps: Madam(ps, compiled=True),
@@ -101,6 +104,20 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(v.nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
 
 
+STORED_BYTES = {"bf16": 2.0, "fp8_e4m3": 1.0, "fp8_e5m2": 1.0, "fp4_e2m1": 0.5 + 1 / 32}
+"""Bytes per weight a real low-precision store would take (FP4: the E8M0 scale per 32)."""
+
+
+def weight_bytes(opt: torch.optim.Optimizer, real: bool) -> float:
+    """The weights' bytes: as held (M+Adam emulates its ``storage`` in the parameter's dtype),
+    or with ``real`` as a store in the storage format would hold them."""
+    total = 0.0
+    for g in opt.param_groups:
+        per = STORED_BYTES.get(g.get("storage")) if real else None
+        total += sum(p.numel() * (per or p.element_size()) for p in g["params"])
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="pythia-70m")
@@ -128,7 +145,9 @@ def main() -> None:
                                         args.rounds)
         row = {"optimizer": name, "step_ms": step_ms, "fused_ms": fused_ms,
                "step_x_fused": step_ms / fused_ms, "state_bytes": state_bytes(opt),
-               "peak_step_bytes_per_param": peak_extra_bytes(opt.step, device) / numel}
+               "peak_step_bytes_per_param": peak_extra_bytes(opt.step, device) / numel,
+               "weight_bytes": weight_bytes(opt, False),
+               "real_weight_bytes": weight_bytes(opt, True)}
         if isinstance(opt, LMD):
             def sample_and_step(opt=opt):
                 opt.sample_()
@@ -146,10 +165,15 @@ def main() -> None:
         if foreach is not None:
             r["step_x_foreach"] = r["step_ms"] / foreach["step_ms"]
         r["state_bytes_per_param"] = r["state_bytes"] / numel
+        r["weights_state_bytes_per_param"] = r.pop("weight_bytes") / numel + r[
+            "state_bytes_per_param"]
+        r["if_stored_low_bytes_per_param"] = r.pop("real_weight_bytes") / numel + r[
+            "state_bytes_per_param"]
     print(f"\n{args.model}: {numel / 1e6:.1f}M parameters in {len(shapes)} tensors, {device}, "
           f"{torch.get_num_threads()} threads, min of {args.rounds} x {args.repeats} steps\n")
     print_table(rows, ["optimizer", "step_ms", "fused_ms", "step_x_fused", "step_x_foreach",
                        "sample_step_ms", "sample_step_x_fused", "state_bytes_per_param",
+                       "weights_state_bytes_per_param", "if_stored_low_bytes_per_param",
                        "peak_step_bytes_per_param"])
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     path = write_json("optim", rows, model=args.model, parameters=numel, tensors=len(shapes),

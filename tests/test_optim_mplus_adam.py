@@ -111,12 +111,26 @@ def test_multiplicative_step_is_relative():
 # -- storage and rounding -----------------------------------------------------------------------
 
 
+_FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def on_fp8_grid(p, opt, storage):
+    """Every stored weight is an FP8 value (torch's own float8 dtype, an independent grid)
+    times the tensor's power-of-two scale ``2**scale_exp`` (issue 20, item 8)."""
+    e = opt.state[p]["scale_exp"]
+    assert e.dtype == torch.int32 and e.ndim == 0
+    v = p.detach() * 2.0 ** -e.item()
+    return torch.equal(v.to(_FP8_DTYPES[storage]).float(), v)
+
+
 @pytest.mark.parametrize(("storage", "fmt"), [
     ("bf16", None), ("fp8_e4m3", "fp8_e4m3"), ("fp8_e5m2", "fp8_e5m2"),
     ("fp4_e2m1", "mxfp4_e2m1"),
 ])
 @pytest.mark.parametrize("rounding", [None, "even", "stochastic"])
 def test_storage_rounds_onto_the_format_grid(storage, fmt, rounding):
+    # FP8: on the grid of the optimizer's power-of-two scale (kept in its state), not of
+    # quantize's max / amax, which the old every-step rescaling used (and drifted by).
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(8, 64))
     opt = MPlusAdam([p], lr=1e-2, storage=storage, rounding=rounding, seed=0)
@@ -125,8 +139,60 @@ def test_storage_rounds_onto_the_format_grid(storage, fmt, rounding):
         opt.step()
         if fmt is None:
             assert torch.equal(p.detach().bfloat16().float(), p.detach())
+        elif storage in _FP8_DTYPES:
+            assert on_fp8_grid(p, opt, storage)
         else:
             assert torch.equal(quantize(p.detach(), fmt), p.detach())
+
+
+@pytest.mark.parametrize("mode", [
+    {"compiled": False, "foreach": False}, {"compiled": False, "foreach": True},
+    pytest.param({"compiled": True}, marks=pytest.mark.slow),
+], ids=["single", "foreach", "compiled"])
+@pytest.mark.parametrize("storage", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_weights_with_zero_gradient_stay_bit_identical(storage, mode):
+    """Issue 20, item 8: rescaling every step re-rounded every weight (zero-gradient weights
+    drifted by 51 % (E4M3) and 93 % (E5M2) of their RMS in 200 steps). With a power-of-two
+    scale that moves only when the weights leave a band, they stay bit-identical (but those
+    that fall below the grid's normal range when the scale coarsens, which lose low bits),
+    and every weight is on the grid after every step."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(256, 256) * 0.05)  # 65536: the compiled kernel
+    frozen = torch.zeros(256, 256, dtype=torch.bool)
+    frozen[:, ::2] = True
+    opt = MPlusAdam([p], lr=1e-2, weight_decay=0.0, storage=storage, seed=0, **mode)
+    p.grad = torch.zeros_like(p)
+    opt.step()  # onto the grid
+    w0 = p.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    exponents = [opt.state[p]["scale_exp"].item()]
+    for _ in range(200):
+        p.grad = torch.randn(256, 256, generator=g).masked_fill_(frozen, 0.0)
+        opt.step()
+        assert on_fp8_grid(p, opt, storage)
+        exponents.append(opt.state[p]["scale_exp"].item())
+    assert max(exponents) > min(exponents)  # the moving weights grew: it rescaled
+    changes = sum(a != b for a, b in zip(exponents[:-1], exponents[1:], strict=True))
+    assert changes <= max(exponents) - min(exponents) + 1  # one per doubling: no flapping
+    emin = {"fp8_e4m3": -6, "fp8_e5m2": -14}[storage]
+    normal = w0.abs() >= 2.0 ** (emin + max(exponents))  # normal at the coarsest scale
+    assert normal[frozen].float().mean() > 0.99
+    assert torch.equal(p.detach()[frozen & normal], w0[frozen & normal])
+    assert not torch.equal(p.detach()[~frozen], w0[~frozen])
+
+
+def test_fp8_scale_exponent_moves_only_past_its_band():
+    from lightning_lowprec.optim.rounding import GRIDS, fp8_scale_exponent
+
+    grid = GRIDS["fp8_e4m3"]
+    e = lambda amax, cur=None: fp8_scale_exponent(  # noqa: E731
+        torch.tensor(amax), grid, None if cur is None else torch.tensor(cur, dtype=torch.int32)
+    ).item()
+    assert e(448.0) == 0 and e(448.0 * (1 + 2**-23)) == 1 and e(224.0) == -1  # smallest fit
+    assert e(0.0) == -100 and e(1e-45) == -100 and e(3e38) == 100
+    assert e(400.0, 0) == 0 and e(200.0, 0) == 0  # within the top two binades: kept
+    assert e(100.0, 0) == -2 and e(500.0, 0) == 1  # below the band or saturating: moved
+    assert e(224.5, 1) == 1 and e(224.0, 1) == -1  # band of 2**1: (224, 896]
 
 
 def test_default_rounding_per_storage():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks.memory import peak_extra_bytes
-from lightning_lowprec import LMD, Madam
+from lightning_lowprec import LMD, Madam, MPlusAdam
 
 _BOUND = 4.0  # bytes per parameter
 
@@ -110,3 +110,43 @@ def test_lmd_compiled_step_peak_memory():
     opt = LMD(params, seed=0, compiled=True)
     opt.step()  # creates the state and compiles
     assert peak_extra_bytes(opt.step) / sum(p.numel() for p in params) <= _BOUND
+
+_MODES = {
+    "single": {"compiled": False, "foreach": False},
+    "foreach": {"compiled": False, "foreach": True},
+    "compiled": {"compiled": True},
+}
+_STORAGES = [None, "bf16", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1"]
+
+
+def _mplus_peak(storage, dtype, mode, adamw):
+    if storage in ("fp8_e4m3", "fp8_e5m2") and dtype != torch.float32:
+        pytest.skip("FP8 storage needs float32 parameters")
+    params = _params(dtype)
+    opt = MPlusAdam(params, storage=storage, adamw=adamw, seed=0, **_MODES[mode])
+    return _peak_per_param(opt, params)
+
+
+@pytest.mark.parametrize("adamw", ["never", "always"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("storage", _STORAGES)
+def test_mplus_adam_single_tensor_step_peak_memory(storage, dtype, adamw):
+    """M+Adam's eager single-tensor path, every storage, with and without its own AdamW rule
+    (``adamw="always"``: the additive branch alone)."""
+    assert _mplus_peak(storage, dtype, "single", adamw) <= _BOUND
+
+
+@pytest.mark.parametrize("adamw", ["never", "always"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("storage", _STORAGES)
+def test_mplus_adam_foreach_step_peak_memory(storage, dtype, adamw):
+    """The ``torch._foreach_*`` path (was 28 B/param, 40 with bf16 parameters)."""
+    assert _mplus_peak(storage, dtype, "foreach", adamw) <= _BOUND
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("storage", _STORAGES)
+def test_mplus_adam_compiled_step_peak_memory(storage, dtype):
+    """The compiled kernel (FP8/FP4 rounded in slices after it)."""
+    assert _mplus_peak(storage, dtype, "compiled", "never") <= _BOUND

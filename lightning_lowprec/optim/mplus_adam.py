@@ -12,13 +12,18 @@ An additive step smaller than half a unit in the last place of ``w`` rounds away
 ``|w| * 2**-9``), so large weights stop moving in a coarse format; the multiplicative step is
 relative, so it survives rounding once ``lr_m`` exceeds the format's relative half-ulp (BF16
 ~0.2-0.4 %, E4M3 3-6 %). There is no FP32 master copy: the rounded weight *is* the weight.
+
+The storage formats are emulated: the rounded weight is written into the parameter in its own
+dtype (``storage`` never changes it), so the bytes saved are those of the parameter's dtype.
+With bf16 parameters weights + state are 10 B/param (AdamW with an fp32 master: 16); with fp32
+parameters 16 B/param whatever the storage (fp32 AdamW: 12), FP8 and FP4 values included.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -27,6 +32,7 @@ from lightning_lowprec.optim import sharded
 from lightning_lowprec.optim.base import (
     COMPILED_MIN_NUMEL,
     EXP_SMALL_BOUND,
+    STEP_SLICE,
     AdamWMode,
     CompiledMode,
     LowPrecisionOptimizer,
@@ -35,16 +41,23 @@ from lightning_lowprec.optim.base import (
     compiled,
     ema_,
     expm1_small,
+    flat_slices,
     require,
     require_betas,
     require_range,
     shared_seed,
+    shifted,
+    slice_batches,
     use_compiled,
     use_foreach,
 )
 from lightning_lowprec.optim.counter_rng import derive_keys
-from lightning_lowprec.optim.rounding import stochastic_bf16
-from lightning_lowprec.quantizer import quantize
+from lightning_lowprec.optim.rounding import (
+    GRIDS,
+    fp8_scale_exponent,
+    round_to_grid,
+    stochastic_bf16,
+)
 
 __all__ = ["STORAGE_FORMATS", "MPlusAdam"]
 
@@ -65,11 +78,15 @@ DEFAULT_ROUNDING: dict[str | None, str] = {
     None: "even", "bf16": "even", "fp8_e4m3": "stochastic", "fp8_e5m2": "stochastic",
     "fp4_e2m1": "stochastic",
 }
-"""Round-to-nearest works for BF16; on FP8 grids with a per-tensor scale recomputed every step
-it diverged (M+Adam) or lost badly (AdamW), and stochastic rounding matched BF16 (measured)."""
+"""Round-to-nearest works for BF16; on FP8 grids (measured with a per-tensor scale then
+recomputed every step) it diverged (M+Adam) or lost badly (AdamW), and stochastic rounding
+matched BF16. Stochastic draws come from counter-based noise of (seed, parameter, step)."""
 _LN2 = math.log(2.0)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_sq_mult")
 _PURPOSE_ROUND = 3
+_SLICE = STEP_SLICE // 4
+"""Elements per slice of the eager kernels (256 KiB per fp32 temporary): M+Adam's update and
+its FP4 rounding hold a dozen temporaries at once, which at ``STEP_SLICE`` are 12 MiB."""
 
 
 def _ema_sq_(v: Tensor, x: Tensor, weight: Any) -> Tensor:
@@ -79,51 +96,77 @@ def _ema_sq_(v: Tensor, x: Tensor, weight: Any) -> Tensor:
     return v.mul_(1.0 - weight).add_(x.mul_(weight))
 
 
-def _update_tensor(
-    p: Tensor, g: Tensor, m: Tensor, v: Tensor, ve: Tensor | None, keys: Tensor | None,
-    hp: Sequence[Any], *, bf16: str | None, write: bool, small: bool = False,
-    low_weight: bool = False, offset: Tensor | None = None,
-) -> Tensor | None:
-    """One M+Adam update of one tensor: the new weight in fp32, written into ``p`` or returned.
+class Hyper(NamedTuple):
+    """One tensor's step of M+Adam, in the form the kernels use (reciprocals, so each branch
+    costs one division). Built once per tensor and step in :meth:`MPlusAdam._update`; the
+    compiled kernel gets the same fields as one fp32 tensor (no recompilation when ``lr``
+    changes) and unpacks it by name."""
 
-    ``hp`` = (1 - beta1, 1 - beta2, eps, 1 - lr * weight_decay, -lr / (1 - beta1**t),
-    1 / sqrt(1 - beta2**t), -lr_m * ln 2): floats eagerly, a 1-D fp32 tensor when compiled
-    (reciprocals, so each branch costs one division). ``ve`` is ``None`` for tensors without
-    the multiplicative branch. ``bf16`` rounds the result onto the BF16 grid (``"even"`` or
-    ``"stochastic"`` with ``keys``); ``write`` copies it into ``p`` instead of returning it.
-    Compiled only: ``small`` (when :func:`_exponent_is_small`) computes ``expm1`` with
-    :func:`expm1_small`; ``low_weight`` (both EMA weights below 0.5) spells the EMAs as in
-    :func:`ema_`.
-    """
-    w1, w2, eps, decay, step_a, inv_bc2_sqrt, step_m = hp
-    w = p.float()
+    w1: Any
+    """``1 - beta1``: the first moment's EMA weight."""
+    w2: Any
+    """``1 - beta2``: both second moments' EMA weight."""
+    eps: Any
+    decay: Any
+    """``1 - lr * weight_decay``."""
+    step_a: Any
+    """``-lr / (1 - beta1**t)``: the additive step with the first moment's bias correction."""
+    inv_bc2_sqrt: Any
+    """``1 / sqrt(1 - beta2**t)``."""
+    step_m: Any
+    """``-lr_m * ln 2``: the multiplicative step, in natural-log units."""
+
+
+def _update_math(
+    w: Tensor, g: Tensor, m: Tensor, v: Tensor, ve: Tensor | None, h: Hyper,
+    small: bool = False, low_weight: bool = False,
+) -> Tensor:
+    """One M+Adam update of one tensor (or slice): the new weight in fp32, before rounding;
+    the moments ``m``, ``v`` and ``ve`` (``None`` without the multiplicative branch) are
+    updated in place. ``small`` (the compiled kernel, when :func:`_exponent_is_small`)
+    computes ``expm1`` with :func:`expm1_small`; ``low_weight`` (both EMA weights below 0.5)
+    spells the EMAs as in :func:`ema_`."""
+    w = w.float()
     g = g.float()
     m32, v32 = m.float(), v.float()
-    ema_(m32, g, w1, low_weight)
-    _ema_sq_(v32, g * g, w2)
-    ua = (m32 * step_a).div_(v32.sqrt().mul_(inv_bc2_sqrt).add_(eps))
+    ema_(m32, g, h.w1, low_weight)
+    _ema_sq_(v32, g * g, h.w2)
+    ua = (m32 * h.step_a).div_(v32.sqrt().mul_(h.inv_bc2_sqrt).add_(h.eps))
     if ve is not None:
         ve32 = ve.float()
         ge = (w * g).mul_(_LN2)
-        _ema_sq_(ve32, ge * ge, w2)
-        de = ge.div_(ve32.sqrt().mul_(inv_bc2_sqrt).add_(eps)).mul_(step_m)
+        _ema_sq_(ve32, ge * ge, h.w2)
+        de = ge.div_(ve32.sqrt().mul_(h.inv_bc2_sqrt).add_(h.eps)).mul_(h.step_m)
         factor = expm1_small(de) if small else torch.expm1(de)
-        w_new = (w * factor.add_(decay)).add_(ua)
+        w_new = (w * factor.add_(h.decay)).add_(ua)
         if ve32 is not ve:
             ve.copy_(ve32)
     else:
-        w_new = (w * decay).add_(ua)
+        w_new = (w * h.decay).add_(ua)
     for state, value in ((m, m32), (v, v32)):
         if value is not state:
             state.copy_(value)
-    if bf16 == "even":
-        w_new = w_new.to(torch.bfloat16).float()
-    elif bf16 == "stochastic":
-        w_new = stochastic_bf16(w_new, keys, offset)
-    if write:  # and return nothing: a returned tensor is one more allocation and pass
-        p.copy_(w_new)
-        return None
     return w_new
+
+
+def _compiled_kernel(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor, ve: Tensor | None, keys: Tensor | None,
+    hp: Tensor, *, bf16: str | None, small: bool, low_weight: bool, offset: Tensor | None,
+) -> None:
+    """:func:`_update_math` and the BF16 rounding (``bf16``: ``None``, ``"even"`` or
+    ``"stochastic"`` with ``keys``) as one ``torch.compile``'d kernel that writes into ``p``;
+    ``hp`` holds the :class:`Hyper` fields in order."""
+    w_new = _update_math(p, g, m, v, ve, Hyper(*hp.unbind()), small, low_weight)
+    p.copy_(_round_bf16(w_new, bf16, keys, offset))
+
+
+def _round_bf16(w: Tensor, bf16: str | None, keys: Tensor | None, offset: Any) -> Tensor:
+    """``w`` (fp32) on the BF16 grid under ``bf16`` (``None``: unchanged)."""
+    if bf16 == "even":
+        return w.to(torch.bfloat16).float()
+    if bf16 == "stochastic":
+        return stochastic_bf16(w, keys, offset)
+    return w
 
 
 def _exponent_is_small(step_m: float, beta2: float, eps: float) -> bool:
@@ -138,45 +181,46 @@ def _exponent_is_small(step_m: float, beta2: float, eps: float) -> bool:
     return abs(step_m) * 1.5 <= EXP_SMALL_BOUND * math.sqrt(1.0 - beta2) and eps >= 1e-20
 
 
-def _update_foreach(
-    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor],
-    ves: list[Tensor] | None, hps: list[Sequence[float]],
+def _foreach_math(
+    ws: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor],
+    ves: list[Tensor] | None, hs: list[Hyper],
 ) -> list[Tensor]:
-    """:func:`_update_tensor` (before rounding) over lists with ``torch._foreach_*`` ops."""
-    w1, w2, eps, decay, _, _, step_m = hps[0]
-    step_as, inv_bc2s = [hp[4] for hp in hps], [hp[5] for hp in hps]
-    ws = [p.float() for p in ps]
+    """:func:`_update_math` over lists with ``torch._foreach_*`` ops (the same arithmetic,
+    bit for bit); the :class:`Hyper` records differ only in their step-dependent fields."""
+    h = hs[0]
+    step_as, inv_bc2s = [x.step_a for x in hs], [x.inv_bc2_sqrt for x in hs]
+    ws = [w.float() for w in ws]
     gs = [g.float() for g in gs]
     m32s, v32s = [m.float() for m in ms], [v.float() for v in vs]
-    torch._foreach_lerp_(m32s, gs, w1)
-    torch._foreach_mul_(v32s, 1.0 - w2)
+    torch._foreach_lerp_(m32s, gs, h.w1)
+    torch._foreach_mul_(v32s, 1.0 - h.w2)
     g2s = torch._foreach_mul(gs, gs)
-    torch._foreach_mul_(g2s, w2)
+    torch._foreach_mul_(g2s, h.w2)
     torch._foreach_add_(v32s, g2s)
     uas = torch._foreach_mul(m32s, step_as)
     denom = torch._foreach_sqrt(v32s)
     torch._foreach_mul_(denom, inv_bc2s)
-    torch._foreach_add_(denom, eps)
+    torch._foreach_add_(denom, h.eps)
     torch._foreach_div_(uas, denom)
     if ves is not None:
         ve32s = [ve.float() for ve in ves]
         ges = torch._foreach_mul(ws, gs)
         torch._foreach_mul_(ges, _LN2)
-        torch._foreach_mul_(ve32s, 1.0 - w2)
+        torch._foreach_mul_(ve32s, 1.0 - h.w2)
         ge2s = torch._foreach_mul(ges, ges)
-        torch._foreach_mul_(ge2s, w2)
+        torch._foreach_mul_(ge2s, h.w2)
         torch._foreach_add_(ve32s, ge2s)
         denom = torch._foreach_sqrt(ve32s)
         torch._foreach_mul_(denom, inv_bc2s)
-        torch._foreach_add_(denom, eps)
+        torch._foreach_add_(denom, h.eps)
         torch._foreach_div_(ges, denom)
-        torch._foreach_mul_(ges, step_m)
+        torch._foreach_mul_(ges, h.step_m)
         factors = torch._foreach_expm1(ges)
-        torch._foreach_add_(factors, decay)
+        torch._foreach_add_(factors, h.decay)
         w_news = torch._foreach_mul(ws, factors)
         pairs = list(zip(ves, ve32s, strict=True))
     else:
-        w_news = torch._foreach_mul(ws, decay)
+        w_news = torch._foreach_mul(ws, h.decay)
         pairs = []
     torch._foreach_add_(w_news, uas)
     pairs += list(zip(ms, m32s, strict=True)) + list(zip(vs, v32s, strict=True))
@@ -184,6 +228,72 @@ def _update_foreach(
         if value is not state:
             state.copy_(value)
     return w_news
+
+
+class _Target(NamedTuple):
+    """Where one tensor's new weight goes: its BF16 rounding (``bf16``), or the FP8/FP4
+    ``storage`` grid (``None``: none) rounded ``stochastic`` with ``keys`` (int32) from the
+    noise of element ``offset`` on (a shard's start), in slices of ``size`` elements that cut
+    no MX block; ``direct``: rounded onto the grid slice by slice as it is computed, else
+    (FP8, whose scale needs the whole tensor, and the compiled kernel's results) written
+    unrounded into the fp32 parameter and rounded there by :func:`_round_stored`."""
+
+    bf16: str | None
+    storage: str | None
+    keys: Tensor | None
+    offset: Tensor | None
+    size: int
+    direct: bool
+
+
+def _write(p: Tensor, w: Tensor, start: int, t: _Target) -> None:
+    """Write the fp32 new weights ``w`` of the slice ``p`` (``start`` elements into its
+    tensor) under ``t``."""
+    offset = shifted(t.offset, start)
+    if t.direct:
+        w = round_to_grid(w.reshape(-1), t.storage, row=_row(p), keys=t.keys, offset=offset)
+    p.copy_(_round_bf16(w, t.bf16, t.keys, offset).view(p.shape))
+
+
+def _row(p: Tensor) -> int:
+    """The length of the last dimension, along which MX blocks run."""
+    return p.shape[-1] if p.ndim else 1
+
+
+def _single_tensor(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor, ve: Tensor | None, h: Hyper, t: _Target,
+) -> None:
+    """One tensor, slice by slice (a few MiB of temporaries whatever its size)."""
+    for start, (ps, gs, ms, vs, ves) in flat_slices((p, g, m, v, ve), t.size):
+        _write(ps, _update_math(ps, gs, ms, vs, ves, h), start, t)
+
+
+def _multi_tensor(
+    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor],
+    ves: list[Tensor] | None, hs: list[Hyper], ts: list[_Target],
+) -> None:
+    """Tensors of one device with ``torch._foreach_*`` ops, in :func:`slice_batches`."""
+    rows = list(zip(ps, gs, ms, vs, ves or [None] * len(ps), strict=True))
+    for batch in slice_batches(rows, _SLICE):
+        cols = list(zip(*(views for _, _, views in batch), strict=True))
+        w_news = _foreach_math(*(list(c) for c in cols[:4]), list(cols[4]) if ves else None,
+                               [hs[i] for i, _, _ in batch])
+        for (i, start, views), w in zip(batch, w_news, strict=True):
+            _write(views[0], w, start, ts[i])
+
+
+def _round_stored(p: Tensor, state: dict[str, Any], t: _Target) -> None:
+    """Round the fp32 weights in ``p`` onto the ``t.storage`` grid in place, slice by slice;
+    for FP8 first move the scale exponent ``state["scale_exp"]`` if ``p`` left its band
+    (:func:`~lightning_lowprec.optim.rounding.fp8_scale_exponent`)."""
+    exponent = None
+    if t.storage != "fp4_e2m1":
+        amax = torch.maximum(p.amax(), -p.amin()).float()
+        exponent = fp8_scale_exponent(amax, GRIDS[t.storage], state["scale_exp"])
+        state["scale_exp"] = exponent
+    for start, (ps,) in flat_slices((p,), t.size):
+        ps.copy_(round_to_grid(ps.reshape(-1), t.storage, exponent=exponent, row=_row(p),
+                               keys=t.keys, offset=shifted(t.offset, start)).view(ps.shape))
 
 
 def _validate(g: dict[str, Any]) -> None:
@@ -217,9 +327,12 @@ class MPlusAdam(LowPrecisionOptimizer):
 
     **Storage** (``storage``): after each update the weight is rounded into
     ``None`` (the parameter's own dtype: nothing for fp32, BF16 for a bf16 parameter),
-    ``"bf16"``, ``"fp8_e4m3"`` / ``"fp8_e5m2"`` (one fp32 scale per tensor, recomputed every
-    step) or ``"fp4_e2m1"`` (the MXFP4 grid: a power-of-two scale per 32 elements along the last
-    dim; there is no per-tensor FP4). The rounded value is written into the parameter, whose
+    ``"bf16"``, ``"fp8_e4m3"`` / ``"fp8_e5m2"`` (one power-of-two scale per tensor,
+    ``2**state["scale_exp"]``, moved only when the largest weight leaves the grid's top two
+    binades, so re-encoding is exact and zero-gradient weights keep their bits:
+    :func:`~lightning_lowprec.optim.rounding.fp8_scale_exponent`) or ``"fp4_e2m1"`` (the MXFP4
+    grid: a power-of-two scale per 32 elements along the last dim; there is no per-tensor
+    FP4). The rounded value is written into the parameter, whose
     dtype holds it exactly for BF16 storage; for FP8/FP4 keep the parameter fp32 (emulation:
     a bf16 tensor cannot hold a per-tensor-scaled FP8 value exactly, so bf16 or fp16
     parameters with FP8 storage are refused). No FP32 copy is kept.
@@ -315,6 +428,9 @@ class MPlusAdam(LowPrecisionOptimizer):
         for key in ("exp_avg", "exp_avg_sq") if state["adamw"] else _STATE_KEYS:
             state[key] = torch.zeros_like(p, dtype=self._state_dtype(p, group, key),
                                           memory_format=torch.contiguous_format)
+        if group["storage"] in ("fp8_e4m3", "fp8_e5m2"):
+            amax = torch.maximum(p.amax(), -p.amin()).float()
+            state["scale_exp"] = fp8_scale_exponent(amax, GRIDS[group["storage"]])
         rounding = group["rounding"] or DEFAULT_ROUNDING[group["storage"]]
         if sharded.is_sharded(p) and STORAGE_FORMATS[group["storage"]] is not None:
             raise NotImplementedError(
@@ -335,87 +451,83 @@ class MPlusAdam(LowPrecisionOptimizer):
         self._update(group, params)
 
     def _update(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Dispatch: the compiled kernel for large tensors of ``compiled`` groups, else
+        :func:`_multi_tensor` (``foreach``) or :func:`_single_tensor`; then FP8/FP4 rounding
+        of the weights the kernels left unrounded (:func:`_round_stored`)."""
         beta1, beta2 = group["betas"]
-        storage = group["storage"]
+        lr, storage = group["lr"], group["storage"]
         rounding = group["rounding"] or DEFAULT_ROUNDING[storage]
-        lr = group["lr"]
+        fast = use_compiled(group, params[0].device)
+        batch = use_foreach(group, params[0].device)
         for mult in (True, False):
             subset = [p for p in params if ("exp_avg_sq_mult" in self.state[p]) == mult]
             if not subset:
                 continue
             states = [self.state[p] for p in subset]
-            hps = [
-                (1.0 - beta1, 1.0 - beta2, group["eps"], 1.0 - lr * group["weight_decay"],
-                 -lr / (1.0 - beta1 ** s["step"]), 1.0 / math.sqrt(1.0 - beta2 ** s["step"]),
-                 -lr * group["lr_m_ratio"] * _LN2)
+            hs = [
+                Hyper(1.0 - beta1, 1.0 - beta2, group["eps"], 1.0 - lr * group["weight_decay"],
+                      -lr / (1.0 - beta1 ** s["step"]), 1.0 / math.sqrt(1.0 - beta2 ** s["step"]),
+                      -lr * group["lr_m_ratio"] * _LN2)
                 for s in states
             ]
             ves = [s["exp_avg_sq_mult"] for s in states] if mult else [None] * len(states)
-            bf16 = [
-                rounding if storage == "bf16" or (storage is None and p.dtype == torch.bfloat16)
-                else None
-                for p in subset
-            ]
-            words = [
-                derive_keys(group["seed"], s["index"], s["step"], _PURPOSE_ROUND)
-                if rounding == "stochastic" else None
-                for s in states
-            ]
-            keys = [
-                torch.tensor(w, dtype=torch.int32, device=p.device) if b == "stochastic" else None
-                for p, w, b in zip(subset, words, bf16, strict=True)
-            ]
-            quantized = STORAGE_FORMATS[storage] is not None
-            fast = use_compiled(group, subset[0].device)
-            batch = use_foreach(group, subset[0].device)
-            per_tensor = [
-                i for i, p in enumerate(subset)
-                if (self._owner(p).numel() >= COMPILED_MIN_NUMEL if fast else not batch)
-            ]
-            w_news = [None] * len(subset)
-            if per_tensor:
-                fn = compiled(_update_tensor) if fast else _update_tensor
-                table = None
-                if fast:
-                    table = torch.tensor(hps, dtype=torch.float32, device=subset[0].device)
-                small = fast and _exponent_is_small(hps[0][6], beta2, group["eps"])
-                low_weight = fast and max(1.0 - beta1, 1.0 - beta2) < 0.5
-                for i in per_tensor:
-                    p, s = subset[i], states[i]
-                    hp = table[i].to(p.device) if table is not None else hps[i]
-                    w_news[i] = fn(p, p.grad, s["exp_avg"], s["exp_avg_sq"], ves[i], keys[i],
-                                   hp, bf16=bf16[i], write=not quantized, small=small,
-                                   low_weight=low_weight,
-                                   offset=sharded.state_offset(s, p) if fast else s.get("offset"))
-            batched = sorted(set(range(len(subset))) - set(per_tensor))
+            route = [self._route(p, storage, fast, batch) for p in subset]
+            ts = [self._target(p, s, group, rounding, kernel == "compiled")
+                  for p, s, kernel in zip(subset, states, route, strict=True)]
+            args = [(p, p.grad, s["exp_avg"], s["exp_avg_sq"], ve)
+                    for p, s, ve in zip(subset, states, ves, strict=True)]
+            compiled_ = [i for i, k in enumerate(route) if k == "compiled"]
+            if compiled_:
+                table = torch.tensor(hs, dtype=torch.float32, device=subset[0].device)
+                flags = dict(small=_exponent_is_small(hs[0].step_m, beta2, group["eps"]),
+                             low_weight=max(1.0 - beta1, 1.0 - beta2) < 0.5)
+                fn = compiled(_compiled_kernel)
+                for i in compiled_:
+                    p = subset[i]
+                    fn(*args[i], ts[i].keys, table[i].to(p.device), bf16=ts[i].bf16,
+                       offset=sharded.state_offset(states[i], p), **flags)
+            for i, kernel in enumerate(route):
+                if kernel == "single":
+                    _single_tensor(*args[i], hs[i], ts[i])
+            batched = [i for i, k in enumerate(route) if k == "foreach"]
             for idx in by_device([subset[i] for i in batched]):
                 idx = [batched[j] for j in idx]
-                outs = _update_foreach(
-                    [subset[i] for i in idx], [subset[i].grad for i in idx],
-                    [states[i]["exp_avg"] for i in idx],
-                    [states[i]["exp_avg_sq"] for i in idx],
-                    [ves[i] for i in idx] if mult else None, [hps[i] for i in idx],
-                )
-                for i, w in zip(idx, outs, strict=True):
-                    if bf16[i] == "even":
-                        w = w.to(torch.bfloat16).float()
-                    elif bf16[i] == "stochastic":
-                        w = stochastic_bf16(w, keys[i], states[i].get("offset"))
-                    w_news[i] = w
-                    if not quantized:
-                        subset[i].copy_(w)
-            if quantized:
-                for p, w, k in zip(subset, w_news, words, strict=True):
-                    p.copy_(quantize(w, STORAGE_FORMATS[storage], rounding=rounding,
-                                     generator=_generator(k, p.device)))
+                cols = [list(c) for c in zip(*(args[i] for i in idx), strict=True)]
+                _multi_tensor(*cols[:4], cols[4] if mult else None, [hs[i] for i in idx],
+                              [ts[i] for i in idx])
+            for p, s, t in zip(subset, states, ts, strict=True):
+                if t.storage is not None and not t.direct:
+                    _round_stored(p, s, t)
 
+    def _route(self, p: Tensor, storage: str | None, fast: bool, batch: bool) -> str:
+        """``"compiled"``, ``"foreach"`` or ``"single"`` for ``p``: compiled tensors of at
+        least ``COMPILED_MIN_NUMEL`` elements (counted on the whole tensor, so a shard takes
+        its tensor's route); FP4 rounding into a non-fp32 ``p`` and FP4 rows that are not
+        whole MX blocks (their slices follow rows) one tensor at a time."""
+        fp4 = storage == "fp4_e2m1"
+        if fast and self._owner(p).numel() >= COMPILED_MIN_NUMEL and not (
+                fp4 and p.dtype != torch.float32):
+            return "compiled"
+        if fp4 and _row(p) % 32 and p.numel() > _SLICE:
+            return "single"
+        return "foreach" if batch or fast else "single"
 
-def _generator(words: list[int] | None, device: torch.device) -> torch.Generator | None:
-    """A generator seeded from the rounding keys (``None`` for round-to-nearest)."""
-    if words is None:
-        return None
-    a, b = (k & 0xFFFFFFFF for k in words[:2])
-    return torch.Generator(device=device).manual_seed((a << 31) ^ b)
+    @staticmethod
+    def _target(p: Tensor, state: dict[str, Any], group: dict[str, Any], rounding: str,
+                fused: bool) -> _Target:
+        """``p``'s :class:`_Target` (``fused``: the compiled kernel computes it)."""
+        storage = STORAGE_FORMATS[group["storage"]] and group["storage"]
+        bf16 = group["storage"] == "bf16" or (group["storage"] is None
+                                              and p.dtype == torch.bfloat16)
+        keys = None
+        if rounding == "stochastic" and (bf16 or storage):
+            words = derive_keys(group["seed"], state["index"], state["step"], _PURPOSE_ROUND)
+            keys = torch.tensor(words, dtype=torch.int32, device=p.device)
+        row = _row(p)
+        size = _SLICE if storage != "fp4_e2m1" or row % 32 == 0 else (
+            max(1, _SLICE // row) * row)
+        return _Target(rounding if bf16 else None, storage, keys, state.get("offset"), size,
+                       direct=storage == "fp4_e2m1" and not fused)
 
 
 def _state_dtype(
