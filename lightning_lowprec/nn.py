@@ -379,37 +379,17 @@ def _quantize_to(
     scale_rule: ScaleRule = "floor",
 ) -> Tensor:
     """``quantize(t, fmt, axis, rounding, scale_rule=scale_rule)`` cast to ``dtype`` (``None``:
-    ``t``'s dtype).
+    ``t``'s dtype): quantized from the source dtype, then cast (every MX grid value is a bf16,
+    so the cast is exact; casting first would round twice).
 
-    Compiled, a ragged MX axis is quantized and cast eagerly (a graph break):
-    Inductor (torch 2.13) miscompiles a narrowing cast next to the cut of the short last block,
-    leaving wrong values or uninitialised memory (NaN) there (issue 18). Padding before and
-    cutting after the cast was not enough: MXINT8 still came out NaN. The fused kernel's
-    output loop runs over ``length // 32`` whole blocks and never writes the short last one
-    (seen for MXINT8, whose constant quantum gives a smaller kernel; ``quantize(x,
-    "mxint8").to(torch.bfloat16)`` of a (51, 72) fp32 ``x``: columns 64-71 wrong). Taking the
-    columns of the padded, quantized and cast tensor with ``index_select`` instead of a slice
-    fixes lengths 40, 51 and 72 but not 4001 (a one-element last block). Eager code has no
-    such bug, so the values are eager's bit for bit. The cast is not the trigger: any fused
-    pointwise consumer does it, ``torch.compile(lambda t: quantize(t, "mxint8") * 2)`` of an
-    fp32 (17, 72) ``t`` is wrong in all 136 elements of the short last blocks ((3, 4001): 3),
-    and so does an opaque cast (a ``torch.library.custom_op`` after the fp32 ``quantize``,
-    static shapes; exact with ``dynamic=True``): only quantizing outside the graph is exact.
+    Compiled, this stays in the graph also for a ragged MX axis: the quantizer's graph path
+    quantizes the whole blocks and the short last block apart and concatenates them, which
+    avoids the Inductor (torch 2.13) miscompile of the padded formulation (its fused output
+    loop ran over ``length // 32`` blocks only and left the short last block unwritten when
+    any pointwise op, this cast included, followed; issue 18).
     """
     if dtype is None or dtype == t.dtype:
         return quantize(t, fmt, axis, rounding, scale_rule=scale_rule)
-    pad = -t.shape[axis] % fmt.block_size if fmt.block_size else 0
-    if pad and torch.compiler.is_compiling():
-        return _quantize_cast_eagerly(t, fmt, axis, rounding, dtype, scale_rule)
-    return quantize(t, fmt, axis, rounding, scale_rule=scale_rule).to(dtype)
-
-
-@torch._dynamo.disable
-def _quantize_cast_eagerly(
-    t: Tensor, fmt: Format, axis: int, rounding: Rounding, dtype: torch.dtype,
-    scale_rule: ScaleRule,
-) -> Tensor:
-    """:func:`_quantize_to`'s compiled ragged case, run outside the graph."""
     return quantize(t, fmt, axis, rounding, scale_rule=scale_rule).to(dtype)
 
 

@@ -902,6 +902,26 @@ def test_compiled_half_precision_ragged_blocks_match_eager():
         assert_bitwise_equal(g, e, source, f"compiled {name}")
 
 
+def _consumed_ragged(x):
+    # A pointwise op and a narrowing cast fused after the quantize of ragged rows.
+    return [op(quantize(x, name)) for name in MX_FORMATS
+            for op in (lambda q: q * 2.0, lambda q: q.to(torch.bfloat16))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(2, 40), (17, 72), (3, 4001)])
+def test_compiled_ragged_blocks_with_a_fused_consumer_match_eager(shape):
+    """Issue 18: with the short last block cut from a padded buffer, Inductor fused any
+    pointwise consumer (``* 2``, ``.to(bf16)``) into a loop over the whole blocks only, leaving
+    the short block unwritten (MXINT8, fp32 input: all 136 of its elements at (17, 72))."""
+    x = random_tensor(shape, seed=16)
+    torch._dynamo.reset()
+    got = torch.compile(_consumed_ragged, dynamic=False)(x)
+    names = [f"{n} {op}" for n in MX_FORMATS for op in ("x2", "bf16")]
+    for name, g, e in zip(names, got, _consumed_ragged(x), strict=True):
+        assert_bitwise_equal(g, e, x, f"compiled {name}")
+
+
 @pytest.mark.slow
 def test_explicit_generator_breaks_the_graph_only_at_the_draw():
     """Dynamo cannot trace a ``torch.Generator``: with one, the draw runs eagerly (graph breaks,
