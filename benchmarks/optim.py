@@ -72,6 +72,7 @@ def candidates() -> dict[str, Callable]:
         "M+Adam bf16-SR compiled": lambda ps: MPlusAdam(
             ps, seed=0, storage="bf16", rounding="stochastic", compiled=True),
         "Madam default": lambda ps: Madam(ps),
+        "Madam eager": lambda ps: Madam(ps, compiled=False),
         "Madam foreach": lambda ps: Madam(ps, compiled=False, foreach=True),
         "Madam compiled": lambda ps: Madam(ps, compiled=True),
     }

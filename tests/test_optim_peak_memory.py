@@ -44,3 +44,27 @@ def test_adamw_rule_step_peak_memory(cls, dtype, foreach):
     kwargs = {"seed": 0} if cls is not Madam else {}
     opt = cls(params, adamw="always", compiled=False, foreach=foreach, **kwargs)
     assert _peak_per_param(opt, params) <= _BOUND
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_madam_single_tensor_step_peak_memory(dtype):
+    """Madam's own rule one tensor at a time (the CPU default of ``compiled=False``)."""
+    params = _params(dtype)
+    opt = Madam(params, adamw="never", compiled=False, foreach=False)
+    assert _peak_per_param(opt, params) <= _BOUND
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_madam_foreach_step_peak_memory(dtype):
+    """Madam's own rule in ``torch._foreach_*`` batches."""
+    params = _params(dtype)
+    opt = Madam(params, adamw="never", compiled=False, foreach=True)
+    assert _peak_per_param(opt, params) <= _BOUND
+
+
+@pytest.mark.slow
+def test_madam_compiled_step_peak_memory():
+    """Madam's compiled kernel: one loop per tensor, no whole-tensor temporaries."""
+    params = _params()
+    opt = Madam(params, adamw="never", compiled=True)
+    assert _peak_per_param(opt, params) <= _BOUND
