@@ -76,6 +76,7 @@ def candidates() -> dict[str, Callable]:
                                                                  compiled=True))
            for st in ("fp8_e4m3", "fp8_e5m2", "fp4_e2m1")},
         "Madam default": lambda ps: Madam(ps),
+        "Madam eager": lambda ps: Madam(ps, compiled=False),
         "Madam foreach": lambda ps: Madam(ps, compiled=False, foreach=True),
         "Madam compiled": lambda ps: Madam(ps, compiled=True),
     }

@@ -150,3 +150,26 @@ def test_mplus_adam_foreach_step_peak_memory(storage, dtype, adamw):
 def test_mplus_adam_compiled_step_peak_memory(storage, dtype):
     """The compiled kernel (FP8/FP4 rounded in slices after it)."""
     assert _mplus_peak(storage, dtype, "compiled", "never") <= _BOUND
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_madam_single_tensor_step_peak_memory(dtype):
+    """Madam's own rule one tensor at a time (the CPU default of ``compiled=False``)."""
+    params = _params(dtype)
+    opt = Madam(params, adamw="never", compiled=False, foreach=False)
+    assert _peak_per_param(opt, params) <= _BOUND
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_madam_foreach_step_peak_memory(dtype):
+    """Madam's own rule in ``torch._foreach_*`` batches."""
+    params = _params(dtype)
+    opt = Madam(params, adamw="never", compiled=False, foreach=True)
+    assert _peak_per_param(opt, params) <= _BOUND
+
+
+@pytest.mark.slow
+def test_madam_compiled_step_peak_memory():
+    """Madam's compiled kernel: one loop per tensor, no whole-tensor temporaries."""
+    params = _params()
+    opt = Madam(params, adamw="never", compiled=True)
+    assert _peak_per_param(opt, params) <= _BOUND

@@ -33,10 +33,12 @@ from lightning_lowprec.optim.base import (
     clamp_where,
     compiled,
     exp_small,
+    flat_slices,
     flip_sign,
     require_betas,
     require_range,
     shared_seed,
+    slice_batches,
     use_compiled,
     use_foreach,
 )
@@ -47,20 +49,31 @@ _BETA2 = 0.999
 
 
 def _update_tensor(p: Tensor, g: Tensor, v: Tensor, hp: Sequence[Any]) -> None:
-    """One Madam step of one tensor (the single-tensor path; ``foreach`` mirrors it).
+    """One Madam step of one tensor (the single-tensor path; ``foreach`` mirrors it), in
+    :func:`~lightning_lowprec.optim.base.flat_slices` (element-wise, so the same values), so
+    its temporaries are a few MiB whatever the tensor's size.
 
-    ``hp`` = (lr, 1 / (1 - 0.999**t), g_bound, max), floats. The reference's ``NaN -> 0``
-    can only come from ``0 / 0``; it is a ``where`` on the denominator (``x / 0`` for
-    ``x != 0`` gives the reference's ``+-g_bound`` after the clamp).
+    ``hp`` = (lr, 1 / (1 - 0.999**t), g_bound, max), floats.
     """
+    for _, (ps, gs, vs) in flat_slices((p, g, v)):
+        _update_slice(ps, gs, vs, hp)
+
+
+def _update_slice(p: Tensor, g: Tensor, v: Tensor, hp: Sequence[Any]) -> None:
+    """:func:`_update_tensor` on one slice. The reference's ``NaN -> 0`` can only come from
+    ``0 / 0``; it is a ``where`` on the denominator (``x / 0`` for ``x != 0`` gives the
+    reference's ``+-g_bound`` after the clamp). Temporaries are reused in place, so a slice
+    holds at most three of them (four fp32 copies with bf16 parameters) at once."""
     lr, inv_bias_correction, g_bound, p_max = hp
     w = p.float()
     g = g.float()
     v.mul_(_BETA2).add_(g.square().mul_(1.0 - _BETA2))
     denom = (v * inv_bias_correction).sqrt_()
-    g_hat = torch.where(denom > 0, g / denom, torch.sign(g) * g_bound)
+    positive = denom > 0
+    g_hat = torch.div(g, denom, out=denom)
+    torch.where(positive, g_hat, torch.sign(g).mul_(g_bound), out=g_hat)
     g_hat.clamp_(-g_bound, g_bound)
-    w.mul_(torch.exp(g_hat.mul_(-lr).mul_(torch.sign(w)))).clamp_(-p_max, p_max)
+    w.mul_(g_hat.mul_(-lr).mul_(torch.sign(w)).exp_()).clamp_(-p_max, p_max)
     if w is not p:
         p.copy_(w)
 
@@ -93,7 +106,18 @@ def _update_fused(p: Tensor, g: Tensor, v: Tensor, hp: Tensor, *, small: bool) -
 def _update_foreach(
     ps: list[Tensor], gs: list[Tensor], vs: list[Tensor], hps: list[Sequence[float]]
 ) -> None:
-    """:func:`_update_tensor` over lists with ``torch._foreach_*`` ops (same arithmetic)."""
+    """:func:`_update_tensor` over lists with ``torch._foreach_*`` ops (same arithmetic), in
+    :func:`~lightning_lowprec.optim.base.slice_batches`: each temporary list holds at most
+    ``STEP_SLICE`` elements."""
+    for batch in slice_batches(list(zip(ps, gs, vs, strict=True))):
+        bp, bg, bv = (list(t) for t in zip(*(views for _, _, views in batch), strict=True))
+        _update_batch(bp, bg, bv, [hps[i] for i, _, _ in batch])
+
+
+def _update_batch(
+    ps: list[Tensor], gs: list[Tensor], vs: list[Tensor], hps: list[Sequence[float]]
+) -> None:
+    """:func:`_update_foreach` on one batch of slices (:func:`_update_slice`'s arithmetic)."""
     lr, _, g_bound, _ = hps[0]
     ws = [p.float() for p in ps]
     gs = [g.float() for g in gs]
@@ -101,11 +125,15 @@ def _update_foreach(
     g2 = torch._foreach_mul(gs, gs)
     torch._foreach_mul_(g2, 1.0 - _BETA2)
     torch._foreach_add_(vs, g2)
+    del g2
     denom = torch._foreach_mul(vs, [hp[1] for hp in hps])
     torch._foreach_sqrt_(denom)
+    positive = [d > 0 for d in denom]
     g_hats = torch._foreach_div(gs, denom)
-    for g, d, g_hat in zip(gs, denom, g_hats, strict=True):
-        torch.where(d > 0, g_hat, torch.sign(g) * g_bound, out=g_hat)
+    del denom
+    for g, m, g_hat in zip(gs, positive, g_hats, strict=True):
+        torch.where(m, g_hat, torch.sign(g).mul_(g_bound), out=g_hat)
+    del positive
     torch._foreach_clamp_min_(g_hats, -g_bound)
     torch._foreach_clamp_max_(g_hats, g_bound)
     torch._foreach_mul_(g_hats, -lr)
