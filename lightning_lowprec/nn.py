@@ -388,9 +388,8 @@ def _quantize_to(
     loop ran over ``length // 32`` blocks only and left the short last block unwritten when
     any pointwise op, this cast included, followed; issue 18).
     """
-    if dtype is None or dtype == t.dtype:
-        return quantize(t, fmt, axis, rounding, scale_rule=scale_rule)
-    return quantize(t, fmt, axis, rounding, scale_rule=scale_rule).to(dtype)
+    q = quantize(t, fmt, axis, rounding, scale_rule=scale_rule)
+    return q if dtype is None else q.to(dtype)
 
 
 def _by_name(*formats: Format | None) -> tuple[str | Format | None, ...]:
