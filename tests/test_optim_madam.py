@@ -119,3 +119,18 @@ def test_compiled_matches_eager(lr):
         results.append([p.detach().clone() for p in params])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), bound=st.sampled_from([0.0, 1e-40, 0.3, 10.0, 3e38]))
+def test_magnitude_clamp_is_clamp_bit_for_bit(seed, bound):
+    from lightning_lowprec.optim.madam import _clamp_magnitude
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4096, generator=g) * torch.exp2(torch.randint(-140, 128, (4096,),
+                                                                  generator=g).float())
+    x[:6] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-45, -1e-45])
+    b = torch.tensor(bound)
+    ours = _clamp_magnitude(x, b)
+    ref = torch.where(x > b, b, torch.where(x < -b, -b, x))
+    assert torch.equal(ours.view(torch.int32), ref.view(torch.int32))
