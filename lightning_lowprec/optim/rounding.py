@@ -57,7 +57,7 @@ def nearest_bf16(w: Tensor) -> Tensor:
     bits = w.contiguous().view(torch.int32)
     odd = (bits >> 16) & 1
     rounded = ((bits + (_BF16_DROPPED_BITS >> 1) + odd) & ~_BF16_DROPPED_BITS).view(torch.float32)
-    return torch.where(w.isnan(), w, rounded)
+    return torch.where(w != w, w, rounded)  # NaN; Inductor's CPU ``isnan`` is not vectorised
 
 
 def _stochastic_fp16(w: Tensor, keys: Tensor, offset: Tensor | None) -> Tensor:
@@ -108,6 +108,7 @@ _MX_BLOCK = 32
 _EXP_MASK = 0x7F800000
 _MANT_BITS = 23
 _BIAS = 127
+_SIGN_BIT = -(1 << 31)
 _MIN_SCALE_BITS = 1 << 22  # 2**-127, MX's smallest block scale (an fp32 subnormal)
 
 
@@ -147,10 +148,14 @@ def _round_elements(v: Tensor, grid: Grid, words: Tensor | None) -> Tensor:
     if words is None:
         x = torch.round(v / quantum)
     else:
+        # floor and frac as a ``where`` and the sign as one OR of its bit: the values of
+        # ``floor + (u < frac)`` and ``copysign`` (x >= +0), in fewer vector instructions
+        # (the compiled stochastic FP8 rounding pass measured up to 2x faster)
         x = v.abs() / quantum
         u = ((words >> 8) & 0xFFFFFF).to(torch.float32) * 2.0**-24
-        x = x.floor() + (u < x.frac()).to(torch.float32)
-        x = x.copysign(v)
+        low = x.floor()
+        x = torch.where(u < x - low, low + 1.0, low)
+        x = (x.view(torch.int32) | (v.view(torch.int32) & _SIGN_BIT)).view(torch.float32)
     return (x * quantum).clamp_(-grid.max, grid.max)
 
 
