@@ -114,6 +114,34 @@ def test_a_gradient_whose_square_fits_fp32_is_an_ordinary_step(cls, adamw):
     check_skips(opt, params, grads, [False] * len(params))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_large_low_precision_gradient_is_checked_in_slices_as_a_whole(dtype):
+    """A bf16 or fp16 gradient of several ``STEP_SLICE``s is checked slice by slice (no fp32
+    copy of it): a huge value or a NaN in any slice skips the tensor, and so does a sum of
+    squares that overflows only across slices (four slices of 1e38 each), while three fit."""
+    from lightning_lowprec.optim.base import STEP_SLICE
+
+    p = torch.nn.Parameter(torch.zeros(4, STEP_SLICE, dtype=dtype))
+    opt = Madam([p], adamw="always", compiled=False)
+    large = LARGE if dtype == torch.bfloat16 else 6e4  # fp16's max is 65504
+    cases = {(3, 7, HUGE): True, (2, 0, float("nan")): True, (1, 5, large): False}
+    for (row, col, value), skip in cases.items():
+        grad = torch.full_like(p, 1e-3)
+        grad[row, col] = value
+        p.grad = grad
+        skipped = opt.skipped_steps
+        opt.step()
+        assert opt.skipped_steps - skipped == skip, (row, col, value)
+    if dtype == torch.bfloat16:
+        for rows, skip in ((3, False), (4, True)):
+            grad = torch.zeros_like(p)
+            grad[:rows, 0] = LARGE
+            p.grad = grad
+            skipped = opt.skipped_steps
+            opt.step()
+            assert opt.skipped_steps - skipped == skip, rows
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_cuda_finite_check_decides_as_the_cpu_one(cls):

@@ -288,3 +288,85 @@ def test_compiled_matches_eager(kwargs, tol, differing):
     for i, (a, b) in enumerate(zip(*results, strict=True)):
         torch.testing.assert_close(a, b, rtol=tol[0], atol=tol[1])
         assert (a != b).float().mean() <= (differing if i == 0 else 0.0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(bits=st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=64))
+def test_nearest_bf16_is_the_cast_bitwise(bits):
+    """The integer round-to-nearest-even (which the compiled kernel keeps, where Inductor
+    drops a ``.to(bfloat16).float()`` round trip) gives the cast's bits, NaN aside (it stays
+    NaN), over every fp32 pattern: ties, subnormals, overflow to inf, negative values."""
+    from lightning_lowprec.optim.rounding import nearest_bf16
+
+    special = [0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x7F7F8000, 0x00008000, 0x80018000, 0]
+    w = torch.tensor(bits + [b - (1 << 32) if b >= 1 << 31 else b for b in special],
+                     dtype=torch.int32).view(torch.float32)
+    got, want = nearest_bf16(w), w.bfloat16().float()
+    nan = w.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+
+
+def _eager_rounding(w, storage, rounding, seed, state, previous_exponent):
+    """The eager rounding functions of ``optim.rounding`` applied to the compiled kernel's
+    unrounded weights ``w``, as the storage's rule says (the reference of the next test)."""
+    from lightning_lowprec.optim.rounding import GRIDS, fp8_scale_exponent, round_to_grid
+
+    keys = None
+    if rounding == "stochastic":
+        keys = torch.tensor(derive_keys(seed, state["index"], state["step"], 3),
+                            dtype=torch.int32)
+    flat = w.reshape(-1)
+    if storage == "bf16":
+        out = stochastic_bf16(flat, keys) if keys is not None else flat.bfloat16().float()
+        return out.view_as(w), None
+    if storage == "fp4_e2m1":
+        return round_to_grid(flat, storage, row=w.shape[-1], keys=keys).view_as(w), None
+    amax = flat.abs().max()
+    exponent = fp8_scale_exponent(amax, GRIDS[storage], previous_exponent)
+    return round_to_grid(flat, storage, exponent=exponent, keys=keys).view_as(w), exponent
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("storage", "rounding"), [
+    ("bf16", "even"), ("bf16", "stochastic"), ("fp8_e4m3", "stochastic"),
+    ("fp8_e4m3", "even"), ("fp8_e5m2", "stochastic"), ("fp4_e2m1", "stochastic"),
+])
+def test_compiled_storage_rounding_is_the_eager_rounding_bitwise(storage, rounding):
+    """The compiled step with ``storage`` (its rounding fused into the compiled kernel, FP8
+    in a second compiled pass) equals, bit for bit, the compiled step without storage
+    followed by the eager rounding functions, from the same weights and state, over steps
+    that move the FP8 scale; (256, 256) and (288, 250) both take the compiled kernel."""
+    torch.manual_seed(0)
+    shapes = ((256, 256), (288, 250))
+    fused = [torch.nn.Parameter(torch.randn(s) * 0.05) for s in shapes]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in fused]
+    kwargs = dict(lr=0.05, weight_decay=0.0, compiled=True)
+    opt = MPlusAdam(fused, storage=storage, rounding=rounding, seed=7, **kwargs)
+    ref = MPlusAdam(plain, seed=7, **kwargs)
+    for p in fused + plain:  # creates the state (the FP8 scale from the weights)
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    ref.step()
+    g = torch.Generator().manual_seed(1)
+    exponents = set()
+    for step in range(4):
+        previous = []
+        for a, b in zip(fused, plain, strict=True):
+            b.data.copy_(a.detach())
+            for key in ("exp_avg", "exp_avg_sq", "exp_avg_sq_mult"):
+                ref.state[b][key].copy_(opt.state[a][key])
+            ref.state[b]["step"] = opt.state[a]["step"]
+            a.grad = torch.randn(a.shape, generator=g) * 30.0**step
+            b.grad = a.grad.clone()
+            previous.append(opt.state[a].get("scale_exp"))
+        opt.step()
+        ref.step()
+        for a, b, e in zip(fused, plain, previous, strict=True):
+            want, exponent = _eager_rounding(b.detach(), storage, rounding, 7, opt.state[a], e)
+            assert torch.equal(a.detach().view(torch.int32), want.view(torch.int32)), step
+            if exponent is not None:
+                assert torch.equal(opt.state[a]["scale_exp"], exponent)
+                exponents.add(exponent.item())
+    if storage.startswith("fp8"):
+        assert len(exponents) > 1  # the growing gradients moved the scale

@@ -46,6 +46,21 @@ def test_adamw_rule_step_peak_memory(cls, dtype, foreach):
     assert _peak_per_param(opt, params) <= _BOUND
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("cls", [LMD, Madam, MPlusAdam])
+def test_bf16_gradient_finite_check_takes_no_fp32_copy(cls, foreach):
+    """One large bf16 tensor: the shared non-finite check converted its whole gradient to
+    fp32 first (4.0 B/param, the step's peak; issue 20, item 5); in slices it holds 0.25."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter((torch.randn(2048, 2048, generator=g) * 0.02).bfloat16())
+    p.grad = (torch.randn(2048, 2048, generator=g) * 1e-3).bfloat16()
+    kwargs = {"seed": 0} if cls is not Madam else {}
+    opt = cls([p], compiled=False, foreach=foreach, **kwargs)
+    assert _peak_per_param(opt, [p]) <= _BOUND
+    check = peak_extra_bytes(lambda: opt._finite_grads([p], [False])) / p.numel()
+    assert check <= 0.5
+
+
 def _large_params() -> list[torch.nn.Parameter]:
     """One 4M-element matrix (a whole-tensor fp32 temporary of it is 3.6 B per parameter of
     the set, so two exceed the bound) and a smaller one; both on LMD's own rule."""

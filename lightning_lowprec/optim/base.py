@@ -320,6 +320,22 @@ def _quarter_sum(g: Tensor) -> Tensor:
     return (q[0] * q[0] + q[1] * q[1] + q[2] * q[2] + q[3] * q[3]).sum()
 
 
+def _fp32_norm(g: Tensor) -> Tensor:
+    """The fp32 norm of ``g``: non-finite iff an element, a square or the sum of squares is
+    (no rescaling on CPU), and cheaper there than torch's max-abs reduction.
+
+    ``vector_norm(g, dtype=torch.float32)`` of a bf16 or fp16 ``g`` first converts all of it
+    to fp32: a whole-tensor temporary of 4 bytes per element. So a contiguous ``g`` of
+    another dtype is taken in :func:`flat_slices` (1 MiB per fp32 slice) and the slices'
+    norms are combined by their norm, ``sqrt(sum of squares)`` again (which may overflow at
+    another partial sum, like any order of summation). fp32 gradients take one call.
+    """
+    if g.dtype == torch.float32:
+        return torch.linalg.vector_norm(g, dtype=torch.float32)
+    norms = [torch.linalg.vector_norm(s, dtype=torch.float32) for _, (s,) in flat_slices((g,))]
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+
+
 def shared_seed(seed: int | None) -> int:
     """``seed``, or when ``None`` one drawn from torch's global generator; under an initialised
     ``torch.distributed`` of several processes, rank 0's draw, broadcast to every rank.
@@ -609,11 +625,9 @@ class LowPrecisionOptimizer(Optimizer):
             grads = [sharded.local(params[i].grad) for i in indices]
             cpu = grads[0].device.type == "cpu"
             if cpu:
-                # The fp32 norm (no rescaling on CPU) is non-finite iff an element or the
-                # sum of squares is, and it is cheaper on CPU than torch's max-abs reduction.
                 checks = [
                     compiled(_quarter_sum)(g) if fast[i] and _quarterable(g, params[i].numel())
-                    else torch.linalg.vector_norm(g, dtype=torch.float32)
+                    else _fp32_norm(g)
                     for i, g in zip(indices, grads, strict=True)
                 ]
             else:  # one multi-tensor kernel; max |g| squared, in fp32

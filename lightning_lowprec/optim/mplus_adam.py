@@ -55,6 +55,7 @@ from lightning_lowprec.optim.counter_rng import derive_keys
 from lightning_lowprec.optim.rounding import (
     GRIDS,
     fp8_scale_exponent,
+    nearest_bf16,
     round_to_grid,
     stochastic_bf16,
 )
@@ -84,6 +85,7 @@ matched BF16. Stochastic draws come from counter-based noise of (seed, parameter
 _LN2 = math.log(2.0)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_sq_mult")
 _PURPOSE_ROUND = 3
+_FP8 = ("fp8_e4m3", "fp8_e5m2")
 _SLICE = STEP_SLICE // 4
 """Elements per slice of the eager kernels (256 KiB per fp32 temporary): M+Adam's update and
 its FP4 rounding hold a dozen temporaries at once, which at ``STEP_SLICE`` are 12 MiB."""
@@ -157,13 +159,41 @@ def _compiled_kernel(
     ``"stochastic"`` with ``keys``) as one ``torch.compile``'d kernel that writes into ``p``;
     ``hp`` holds the :class:`Hyper` fields in order."""
     w_new = _update_math(p, g, m, v, ve, Hyper(*hp.unbind()), small, low_weight)
+    if bf16 == "even" and p.dtype == torch.bfloat16:  # the store's cast rounds the same
+        bf16 = None
     p.copy_(_round_bf16(w_new, bf16, keys, offset))
+
+
+def _fp8_update_kernel(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor, ve: Tensor | None, hp: Tensor, *,
+    small: bool, low_weight: bool,
+) -> Tensor:
+    """:func:`_compiled_kernel` for FP8 storage: writes the unrounded new weights into ``p``
+    and returns their largest magnitude (fp32, 0-d), reduced in the same loop, for
+    :func:`_fp8_round_kernel`. (Its own function, so its variants do not count against the
+    other's recompile limit.)"""
+    w_new = _update_math(p, g, m, v, ve, Hyper(*hp.unbind()), small, low_weight)
+    p.copy_(w_new)
+    return w_new.abs().amax()
+
+
+def _fp8_round_kernel(
+    p: Tensor, keys: Tensor | None, amax: Tensor, current: Tensor, *, storage: str,
+) -> Tensor:
+    """:func:`_round_stored` of a flat fp32 ``p`` onto an FP8 grid as one compiled pass: the
+    scale exponent from the new weights' ``amax`` and the ``current`` one (both 1-element),
+    which it returns, then the rounding; the integer and exact fp32 arithmetic of the eager
+    rounding, so the same bits. (A pass of its own: the scale needs the whole tensor's
+    ``amax`` before any element is rounded.)"""
+    exponent = fp8_scale_exponent(amax, GRIDS[storage], current)
+    p.copy_(round_to_grid(p, storage, exponent=exponent, keys=keys))
+    return exponent
 
 
 def _round_bf16(w: Tensor, bf16: str | None, keys: Tensor | None, offset: Any) -> Tensor:
     """``w`` (fp32) on the BF16 grid under ``bf16`` (``None``: unchanged)."""
     if bf16 == "even":
-        return w.to(torch.bfloat16).float()
+        return nearest_bf16(w)
     if bf16 == "stochastic":
         return stochastic_bf16(w, keys, offset)
     return w
@@ -236,7 +266,8 @@ class _Target(NamedTuple):
     noise of element ``offset`` on (a shard's start), in slices of ``size`` elements that cut
     no MX block; ``direct``: rounded onto the grid slice by slice as it is computed, else
     (FP8, whose scale needs the whole tensor, and the compiled kernel's results) written
-    unrounded into the fp32 parameter and rounded there by :func:`_round_stored`."""
+    unrounded into the fp32 parameter and rounded there by :func:`_round_stored` (after the
+    compiled kernel, FP8 by the compiled :func:`_fp8_round_kernel`)."""
 
     bf16: str | None
     storage: str | None
@@ -310,7 +341,7 @@ def _validate(g: dict[str, Any]) -> None:
             f"one of {tuple(STORAGE_FORMATS)}")
     require(g["rounding"] in (None, "even", "stochastic"), "rounding", g["rounding"],
             "None, 'even' or 'stochastic'")
-    if g["storage"] in ("fp8_e4m3", "fp8_e5m2"):
+    if g["storage"] in _FP8:
         params = g.get("params", ())
         for p in [params] if isinstance(params, Tensor) else params:
             p = p[1] if isinstance(p, tuple) else p  # (name, parameter)
@@ -386,7 +417,8 @@ class MPlusAdam(LowPrecisionOptimizer):
             tensor at a time, ``None`` torch's rule (batched on CUDA only;
             :func:`~lightning_lowprec.optim.base.use_foreach`).
         compiled: ``"auto"`` (default) runs each tensor's update (and BF16 rounding) as one
-            ``torch.compile``'d kernel wherever
+            ``torch.compile``'d kernel (FP8 rounding as a second one, since its scale needs
+            the whole tensor; FP4 rounding eagerly, in slices) wherever
             :func:`~lightning_lowprec.optim.base.compile_works`, else the eager kernels after
             one warning; ``True`` always, ``False`` never. Tensors under
             ``COMPILED_MIN_NUMEL`` (65536) elements take the ``foreach`` ops (counted on the
@@ -428,7 +460,7 @@ class MPlusAdam(LowPrecisionOptimizer):
         for key in ("exp_avg", "exp_avg_sq") if state["adamw"] else _STATE_KEYS:
             state[key] = torch.zeros_like(p, dtype=self._state_dtype(p, group, key),
                                           memory_format=torch.contiguous_format)
-        if group["storage"] in ("fp8_e4m3", "fp8_e5m2"):
+        if group["storage"] in _FP8:
             amax = torch.maximum(p.amax(), -p.amin()).float()
             state["scale_exp"] = fp8_scale_exponent(amax, GRIDS[group["storage"]])
         rounding = group["rounding"] or DEFAULT_ROUNDING[group["storage"]]
@@ -477,15 +509,23 @@ class MPlusAdam(LowPrecisionOptimizer):
             args = [(p, p.grad, s["exp_avg"], s["exp_avg_sq"], ve)
                     for p, s, ve in zip(subset, states, ves, strict=True)]
             compiled_ = [i for i, k in enumerate(route) if k == "compiled"]
+            rounded = set()
             if compiled_:
                 table = torch.tensor(hs, dtype=torch.float32, device=subset[0].device)
                 flags = dict(small=_exponent_is_small(hs[0].step_m, beta2, group["eps"]),
                              low_weight=max(1.0 - beta1, 1.0 - beta2) < 0.5)
-                fn = compiled(_compiled_kernel)
                 for i in compiled_:
-                    p = subset[i]
-                    fn(*args[i], ts[i].keys, table[i].to(p.device), bf16=ts[i].bf16,
-                       offset=sharded.state_offset(states[i], p), **flags)
+                    p, s, t = subset[i], states[i], ts[i]
+                    hp = table[i].to(p.device)
+                    if t.storage in _FP8:
+                        amax = compiled(_fp8_update_kernel)(*args[i], hp, **flags)
+                        exponent = compiled(_fp8_round_kernel)(p, t.keys, amax, s["scale_exp"],
+                                                               storage=t.storage)
+                        s["scale_exp"] = exponent.reshape(())
+                        rounded.add(i)
+                    else:
+                        compiled(_compiled_kernel)(*args[i], t.keys, hp, bf16=t.bf16,
+                                                   offset=sharded.state_offset(s, p), **flags)
             for i, kernel in enumerate(route):
                 if kernel == "single":
                     _single_tensor(*args[i], hs[i], ts[i])
@@ -495,8 +535,8 @@ class MPlusAdam(LowPrecisionOptimizer):
                 cols = [list(c) for c in zip(*(args[i] for i in idx), strict=True)]
                 _multi_tensor(*cols[:4], cols[4] if mult else None, [hs[i] for i in idx],
                               [ts[i] for i in idx])
-            for p, s, t in zip(subset, states, ts, strict=True):
-                if t.storage is not None and not t.direct:
+            for i, (p, s, t) in enumerate(zip(subset, states, ts, strict=True)):
+                if t.storage is not None and not t.direct and i not in rounded:
                     _round_stored(p, s, t)
 
     def _route(self, p: Tensor, storage: str | None, fast: bool, batch: bool) -> str:

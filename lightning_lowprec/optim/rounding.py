@@ -27,7 +27,7 @@ from lightning_lowprec.optim.counter_rng import random_words
 
 __all__ = [
     "FP8_SCALE_RANGE", "GRIDS", "Grid", "STOCHASTIC_DTYPES", "fp8_scale_exponent",
-    "round_stochastic", "round_to_grid", "stochastic_bf16",
+    "nearest_bf16", "round_stochastic", "round_to_grid", "stochastic_bf16",
 ]
 
 STOCHASTIC_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
@@ -46,6 +46,18 @@ def stochastic_bf16(w: Tensor, keys: Tensor, offset: Tensor | None = None) -> Te
     bits = w.contiguous().view(torch.int32)
     noise = random_words(w.numel(), keys, offset=offset)[0].view_as(bits) & _BF16_DROPPED_BITS
     return ((bits + noise) & ~_BF16_DROPPED_BITS).view(torch.float32)
+
+
+def nearest_bf16(w: Tensor) -> Tensor:
+    """fp32 ``w`` rounded to the nearest BF16 value (ties to even), as fp32: the bits of
+    ``w.to(torch.bfloat16).float()`` (NaN stays NaN), in integer ops. Why not that cast:
+    Inductor drops a ``.to(bfloat16).float()`` round trip inside a compiled kernel
+    (``emulate_precision_casts`` is off), so M+Adam's compiled ``storage="bf16"`` step left
+    fp32 weights off the BF16 grid."""
+    bits = w.contiguous().view(torch.int32)
+    odd = (bits >> 16) & 1
+    rounded = ((bits + (_BF16_DROPPED_BITS >> 1) + odd) & ~_BF16_DROPPED_BITS).view(torch.float32)
+    return torch.where(w != w, w, rounded)  # NaN; Inductor's CPU ``isnan`` is not vectorised
 
 
 def _stochastic_fp16(w: Tensor, keys: Tensor, offset: Tensor | None) -> Tensor:
@@ -96,6 +108,7 @@ _MX_BLOCK = 32
 _EXP_MASK = 0x7F800000
 _MANT_BITS = 23
 _BIAS = 127
+_SIGN_BIT = -(1 << 31)
 _MIN_SCALE_BITS = 1 << 22  # 2**-127, MX's smallest block scale (an fp32 subnormal)
 
 
@@ -135,10 +148,14 @@ def _round_elements(v: Tensor, grid: Grid, words: Tensor | None) -> Tensor:
     if words is None:
         x = torch.round(v / quantum)
     else:
+        # floor and frac as a ``where`` and the sign as one OR of its bit: the values of
+        # ``floor + (u < frac)`` and ``copysign`` (x >= +0), in fewer vector instructions
+        # (the compiled stochastic FP8 rounding pass measured up to 2x faster)
         x = v.abs() / quantum
         u = ((words >> 8) & 0xFFFFFF).to(torch.float32) * 2.0**-24
-        x = x.floor() + (u < x.frac()).to(torch.float32)
-        x = x.copysign(v)
+        low = x.floor()
+        x = torch.where(u < x - low, low + 1.0, low)
+        x = (x.view(torch.int32) | (v.view(torch.int32) & _SIGN_BIT)).view(torch.float32)
     return (x * quantum).clamp_(-grid.max, grid.max)
 
 
@@ -157,7 +174,8 @@ def round_to_grid(
     words = None if keys is None else random_words(w.numel(), keys, offset=offset)[0]
     if storage != "fp4_e2m1":
         return _round_elements(w * _pow2(-exponent), grid, words) * _pow2(exponent)
-    row = row if row % _MX_BLOCK else _MX_BLOCK
+    if row % _MX_BLOCK == 0:  # whole blocks: no output buffer (a compiled caller fuses it)
+        return _round_blocks(w.view(-1, _MX_BLOCK), grid, words).view(-1)
     rows, out = w.view(-1, row), torch.empty_like(w).view(-1, row)
     noise = None if words is None else words.view(-1, row)
     full = row - row % _MX_BLOCK
@@ -165,10 +183,16 @@ def round_to_grid(
         if b > a:
             size = min(_MX_BLOCK, b - a)
             blocks = rows[:, a:b].unflatten(1, (-1, size))
-            amax = blocks.abs().amax(2, keepdim=True)
-            floor_log2 = (amax.view(torch.int32) >> _MANT_BITS) - _BIAS
-            e = (floor_log2 - grid.emax).clamp_(-_BIAS, _BIAS)
             bits = None if noise is None else noise[:, a:b].unflatten(1, (-1, size))
-            value = _round_elements(blocks * _pow2(-e), grid, bits) * _pow2(e)
-            out[:, a:b].unflatten(1, (-1, size)).copy_(value)
+            out[:, a:b].unflatten(1, (-1, size)).copy_(_round_blocks(blocks, grid, bits))
     return out.view(-1)
+
+
+def _round_blocks(blocks: Tensor, grid: Grid, words: Tensor | None) -> Tensor:
+    """fp32 ``blocks`` (MX blocks along the last dim) rounded onto ``grid`` at each block's
+    scale ``2**clamp(floor(log2 amax) - grid.emax, -127, 127)`` (see :func:`round_to_grid`)."""
+    amax = blocks.abs().amax(-1, keepdim=True)
+    floor_log2 = (amax.view(torch.int32) >> _MANT_BITS) - _BIAS
+    e = (floor_log2 - grid.emax).clamp_(-_BIAS, _BIAS)
+    bits = None if words is None else words.view_as(blocks)
+    return _round_elements(blocks * _pow2(-e), grid, bits) * _pow2(e)
