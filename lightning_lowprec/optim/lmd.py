@@ -35,6 +35,7 @@ from torch import Tensor
 from lightning_lowprec.optim import sharded
 from lightning_lowprec.optim.base import (
     EXP_NORMAL_RANGE,
+    STEP_SLICE,
     AdamWMode,
     CompiledMode,
     LowPrecisionOptimizer,
@@ -81,16 +82,17 @@ _NOISE_BOUND = 6.0
 
 
 def _sign_update(
-    u: Tensor, v: Tensor, w_momentum: Any, w_sign: Any, interp: bool, low_weight: bool = False
+    u: Tensor, v: Tensor, w_momentum: Any, w_sign: Any, interp: bool, low_weight: bool = False,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Advance ``u`` toward ``v``; return the sign that drives the update (``low_weight``: see
-    :func:`ema_`)."""
+    :func:`ema_`; ``out``: where to write it, else a new tensor)."""
     if interp:
-        c = torch.lerp(u, v, w_sign).sign_()
+        c = torch.lerp(u, v, w_sign, out=out).sign_()
         ema_(u, v, w_momentum, low_weight)
         return c
     ema_(u, v, w_momentum, low_weight)
-    return u.sign()
+    return torch.sign(u, out=out)
 
 
 def _exp_in_range(group: dict[str, Any], log_m_ref: float) -> bool:
@@ -187,44 +189,91 @@ def _hyper(group: dict[str, Any], state: dict[str, Any]) -> Hyper:
     )
 
 
+class _Scratch:
+    """The eager single-tensor kernel's fp32 temporaries, allocated once per step at the
+    largest slice's size and reused by every slice. On CPU fresh MiB-sized temporaries can
+    cost more in page faults than the passes over them: one 2^18-element slice of the step
+    took 3-4.5 ms with new temporaries against 1 ms with these (one thread, measured after
+    other work had freed memory; back to back, 1.2 ms against 1.0)."""
+
+    def __init__(self, numel: int, device: torch.device) -> None:
+        self._slots = torch.empty(_SCRATCH_SLOTS, numel, device=device).unbind()
+        self._views: dict[tuple[int, torch.Size], Tensor] = {}
+
+    def __call__(self, slot: int, like: Tensor) -> Tensor:
+        """Temporary ``slot`` shaped like ``like`` (its values undefined); the view is made
+        once per shape, not three dispatcher calls per temporary and slice."""
+        key = (slot, like.shape)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self._slots[slot][: like.numel()].view(like.shape)
+        return view
+
+
+_SCRATCH_SLOTS = 5
+
+
+def _no_scratch(slot: int, like: Tensor) -> None:
+    """The compiled kernel's "scratch": ``out=None``, a new tensor, which Inductor fuses away."""
+
+
 def _update_math(
     p: Tensor, g: Tensor, lp: Tensor, ln: Tensor, up: Tensor, un: Tensor | None,
     keys: Tensor | None, h: Hyper, *, separate: bool, interp: bool, drawn: bool, noise: str,
     mean: bool, inline: bool = False, low_weight: bool = False, offset: Any = None,
+    work: _Scratch | None = None,
 ) -> None:
     """One LMD update of one tensor (or slice), then the point estimate into ``p``.
 
-    Run eagerly on each slice by :func:`_single_tensor` and as the compiled kernel
-    (:func:`_compiled_kernel`) on whole tensors, whose micro-optimisations the flags turn on:
-    ``inline`` (when :func:`_exp_in_range`) the exponentials of :func:`_exp_` and the clamp as
+    Run eagerly on each slice by :func:`_single_tensor` (``work``: its reused temporaries)
+    and as the compiled kernel (:func:`_compiled_kernel`, ``work=None``) on whole tensors,
+    whose micro-optimisations the flags turn on: ``inline`` (when :func:`_exp_in_range`) the
+    exponentials of :func:`_exp_` and the clamp as
     :func:`~lightning_lowprec.optim.base.clamp_where`; ``low_weight`` (``1 - momentum < 0.5``)
     the EMAs as in :func:`~lightning_lowprec.optim.base.ema_`. ``separate``: the two momenta
     ``u± = EMA(±g theta±)`` at the sample (``drawn``: redrawn from ``keys``, ``noise`` and
     ``offset``, see :func:`_sample_tensor`) or at the medians; else one shared momentum of
     ``g``. ``interp``: Lion's sign (``sign_beta``). ``mean``: scale the point estimate.
     """
-    g = g.float()
+    tmp = work or _no_scratch
+    g = g.float() if work is None or g.dtype == torch.float32 else tmp(0, g).copy_(g)
     if separate:
         if drawn:
             xp, xn = normal_pair(lp.numel(), keys, noise, offset)
             tp = _exp_(xp.view_as(lp).mul_(h.sigma).add_(lp), inline, guard=True)
             tn = _exp_(xn.view_as(ln).mul_(h.sigma).add_(ln), inline, guard=True)
+        elif inline:
+            tp, tn = _exp_(lp, True, guard=True), _exp_(ln, True, guard=True)
         else:
-            tp, tn = _exp_(lp.clone(), inline, True), _exp_(ln.clone(), inline, True)
-        cp = _sign_update(up, tp.mul_(g), h.w_momentum, h.w_sign, interp, low_weight)
-        cn = _sign_update(un, tn.mul_(g).neg_(), h.w_momentum, h.w_sign, interp, low_weight)
+            tp, tn = torch.exp(lp, out=tmp(1, lp)), torch.exp(ln, out=tmp(2, ln))
+        cp = _sign_update(up, tp.mul_(g), h.w_momentum, h.w_sign, interp, low_weight,
+                          out=tmp(3, lp))
+        cn = _sign_update(un, tn.mul_(g).neg_(), h.w_momentum, h.w_sign, interp, low_weight,
+                          out=tmp(4, ln))
     else:
-        cp = _sign_update(up, g, h.w_momentum, h.w_sign, interp, low_weight)
+        cp = _sign_update(up, g, h.w_momentum, h.w_sign, interp, low_weight, out=tmp(3, lp))
         cn = None  # -cp: subtracted below instead of added (the same values, one pass less)
     for log_m, c in ((lp, cp), (ln, cn)):
-        t = (log_m - h.log_m_ref).mul_(h.weight_decay)
+        t = torch.sub(log_m, h.log_m_ref, out=tmp(1, log_m)).mul_(h.weight_decay)
         t = t.add_(c) if c is not None else t.sub_(cp)
         log_m.sub_(t.mul_(h.lr))
         if inline:
             log_m.copy_(clamp_where(log_m, h.low, h.high))
         else:
             log_m.clamp_(h.low, h.high)
-    _point_estimate_tensor(p, lp, ln, h.scale, mean, inline=inline)
+    if work is None:
+        _point_estimate_tensor(p, lp, ln, h.scale, mean, inline=inline)
+        return
+    # Eagerly, _point_estimate_tensor's values in three passes instead of six: no clones,
+    # and the last operation writes into an fp32 ``p`` (a bf16 one takes the fp32 result).
+    theta, theta_neg = torch.exp(lp, out=tmp(1, lp)), torch.exp(ln, out=tmp(2, ln))
+    target = p if p.dtype == torch.float32 else theta
+    if mean:
+        torch.mul(theta.sub_(theta_neg), h.scale, out=target)
+    else:
+        torch.sub(theta, theta_neg, out=target)
+    if target is not p:
+        p.copy_(target)
 
 
 def _compiled_kernel(
@@ -239,15 +288,23 @@ def _compiled_kernel(
 
 def _single_tensor(
     p: Tensor, g: Tensor, lp: Tensor, ln: Tensor, up: Tensor, un: Tensor | None,
-    keys: Tensor | None, h: Hyper, *, offset: Tensor | None = None, **flags: Any,
+    keys: Tensor | None, h: Hyper, *, offset: Tensor | None = None, work: _Scratch,
+    **flags: Any,
 ) -> None:
     """:func:`_update_math`, eagerly, on the :func:`~lightning_lowprec.optim.base.flat_slices`
     of one tensor: the same values (a slice takes its part of the tensor's noise, see
-    :func:`~lightning_lowprec.optim.base.shifted`) with a few MiB of temporaries instead of up
-    to 32 bytes per element, and each slice's passes run in cache."""
+    :func:`~lightning_lowprec.optim.base.shifted`) with a few MiB of temporaries (``work``)
+    instead of up to 32 bytes per element, and each slice's passes run in cache."""
     for start, (ps, gs, lps, lns, ups, uns) in flat_slices((p, g, lp, ln, up, un)):
         _update_math(ps, gs, lps, lns, ups, uns, keys, h, offset=shifted(offset, start),
-                     **flags)
+                     work=work, **flags)
+
+
+def _slice_numel(row: tuple[Tensor | None, ...]) -> int:
+    """The most elements that one :func:`~lightning_lowprec.optim.base.flat_slices` slice of
+    a tensor's ``row`` (its parameter, gradient and states) holds."""
+    n = row[0].numel()
+    return min(n, STEP_SLICE) if all(t is None or t.is_contiguous() for t in row) else n
 
 
 def _multi_tensor(
@@ -318,12 +375,18 @@ def _foreach_math(
         torch._foreach_sub_(log_ms, ts)
         torch._foreach_clamp_min_(log_ms, lows)
         torch._foreach_clamp_max_(log_ms, highs)
-    thetas = torch._foreach_exp(lps)
-    torch._foreach_sub_(thetas, torch._foreach_exp(lns))
+    thetas, theta_negs = torch._foreach_exp(lps), torch._foreach_exp(lns)
     if mean:
-        torch._foreach_mul_(thetas, h.scale)
-    for p, theta in zip(ps, thetas, strict=True):
-        p.copy_(theta)
+        torch._foreach_sub_(thetas, theta_negs)
+    # The last operation writes into each fp32 parameter (one pass less than a copy).
+    for p, theta, theta_neg in zip(ps, thetas, theta_negs, strict=True):
+        target = p if p.dtype == torch.float32 else theta
+        if mean:
+            torch.mul(theta, h.scale, out=target)
+        else:
+            torch.sub(theta, theta_neg, out=target)
+        if target is not p:
+            p.copy_(target)
 
 
 class LogMedians(NamedTuple):
@@ -777,8 +840,9 @@ class LMD(LowPrecisionOptimizer):
                               [hs[i] for i in idx], [states[i].get("offset") for i in idx],
                               **flags)
         else:
+            work = _Scratch(max(_slice_numel(a[:6]) for a in args), device)
             for a, h, s in zip(args, hs, states, strict=True):
-                _single_tensor(*a, h, offset=s.get("offset"), **flags)
+                _single_tensor(*a, h, offset=s.get("offset"), work=work, **flags)
         for p in map(self._owner, params):
             self._written[p] = p._version
         if self._sampled is not None:
