@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Literal, NamedTuple
 
@@ -35,6 +35,7 @@ from torch import Tensor
 from lightning_lowprec.optim import sharded
 from lightning_lowprec.optim.base import (
     EXP_NORMAL_RANGE,
+    STEP_SLICE,
     AdamWMode,
     CompiledMode,
     LowPrecisionOptimizer,
@@ -81,16 +82,17 @@ _NOISE_BOUND = 6.0
 
 
 def _sign_update(
-    u: Tensor, v: Tensor, w_momentum: Any, w_sign: Any, interp: bool, low_weight: bool = False
+    u: Tensor, v: Tensor, w_momentum: Any, w_sign: Any, interp: bool, low_weight: bool = False,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Advance ``u`` toward ``v``; return the sign that drives the update (``low_weight``: see
-    :func:`ema_`)."""
+    :func:`ema_`; ``out``: where to write it, else a new tensor)."""
     if interp:
-        c = torch.lerp(u, v, w_sign).sign_()
+        c = torch.lerp(u, v, w_sign, out=out).sign_()
         ema_(u, v, w_momentum, low_weight)
         return c
     ema_(u, v, w_momentum, low_weight)
-    return u.sign()
+    return torch.sign(u, out=out)
 
 
 def _exp_in_range(group: dict[str, Any], log_m_ref: float) -> bool:
@@ -150,98 +152,199 @@ def _point_estimate_tensor(
     p.copy_(theta * scale if mean else theta)
 
 
-def _update_tensor(
-    p: Tensor, g: Tensor, lp: Tensor, ln: Tensor, up: Tensor, un: Tensor | None,
-    keys: Tensor | None, hp: Sequence[Any], *, separate: bool, interp: bool, drawn: bool,
-    noise: str, mean: bool, inline: bool = False, low_weight: bool = False,
-    offset: Tensor | None = None,
-) -> None:
-    """One LMD update of one tensor, then the point estimate into ``p``.
+class Hyper(NamedTuple):
+    """One tensor's LMD step (see the module doc), in the form the kernels use. Built once per
+    tensor and step by :func:`_hyper`; the compiled kernel gets the same fields as one fp32
+    tensor (no recompilation when ``lr`` or the bounds change) and unpacks it by name."""
 
-    ``hp`` = (lr, 1 - momentum, 1 - sign_beta, weight_decay, log m_ref, low, high, sigma,
-    point-estimate scale): floats in eager mode, a 1-D fp32 tensor when compiled. Used by the
-    single-tensor path on each slice (:func:`_update_sliced`) and, through :func:`compiled`,
-    by the compiled path on whole tensors (``inline``: see
-    :func:`_exp_`; ``low_weight``: ``1 - momentum < 0.5``, see :func:`ema_`; ``offset``: see
-    :func:`_sample_tensor`).
+    lr: Any
+    """The step, in nats."""
+    w_momentum: Any
+    """``1 - momentum``: the momentum EMA's weight of the new gradient."""
+    w_sign: Any
+    """``1 - sign_beta``: the gradient's weight in Lion's sign (1 without ``sign_beta``)."""
+    weight_decay: Any
+    log_m_ref: Any
+    """``log m_ref`` of the tensor, where the decay pulls both log-medians."""
+    low: Any
+    """``log m_ref - 1/weight_decay`` (``-inf`` without decay): the clamp's lower bound."""
+    high: Any
+    """``log m_ref + 1/weight_decay`` (``+inf`` without decay)."""
+    sigma: Any
+    """The sampling noise's log-std (the sample the update follows, ``separate_momentum``)."""
+    scale: Any
+    """The point estimate's factor: ``exp(sigma**2 / 2)`` for ``point_estimate="mean"``."""
+
+
+def _hyper(group: dict[str, Any], state: dict[str, Any]) -> Hyper:
+    """The :class:`Hyper` record of one tensor (``state``) of ``group`` for its next step."""
+    half = 1.0 / group["weight_decay"] if group["weight_decay"] > 0 else math.inf
+    sign_beta = group["sign_beta"]
+    lmr = state["log_m_ref"]
+    return Hyper(
+        lr=group["lr"], w_momentum=1.0 - group["momentum"],
+        w_sign=1.0 - (sign_beta if sign_beta is not None else 0.0),
+        weight_decay=group["weight_decay"], log_m_ref=lmr, low=lmr - half, high=lmr + half,
+        sigma=group["sigma"], scale=_scale(group)[0],
+    )
+
+
+class _Scratch:
+    """The eager single-tensor kernel's fp32 temporaries, allocated once per step at the
+    largest slice's size and reused by every slice. On CPU fresh MiB-sized temporaries can
+    cost more (in page faults) than the passes over them: one 2^18-element slice of the step
+    took 3-4.5 ms with new temporaries against 1 ms with these in rounds of 5 calls, 1.2 ms
+    against 1.0 in rounds of 20 (one thread, measured)."""
+
+    def __init__(self, numel: int, device: torch.device) -> None:
+        self._slots = torch.empty(_SCRATCH_SLOTS, numel, device=device).unbind()
+        self._views: dict[tuple[int, torch.Size], Tensor] = {}
+
+    def __call__(self, slot: int, like: Tensor) -> Tensor:
+        """Temporary ``slot`` shaped like ``like`` (its values undefined); the view is made
+        once per shape, not three dispatcher calls per temporary and slice."""
+        key = (slot, like.shape)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self._slots[slot][: like.numel()].view(like.shape)
+        return view
+
+
+_SCRATCH_SLOTS = 5
+
+
+def _no_scratch(slot: int, like: Tensor) -> None:
+    """The compiled kernel's "scratch": ``out=None``, a new tensor, which Inductor fuses away."""
+
+
+def _update_math(
+    p: Tensor, g: Tensor, lp: Tensor, ln: Tensor, up: Tensor, un: Tensor | None,
+    keys: Tensor | None, h: Hyper, *, separate: bool, interp: bool, drawn: bool, noise: str,
+    mean: bool, inline: bool = False, low_weight: bool = False, offset: Any = None,
+    work: _Scratch | None = None,
+) -> None:
+    """One LMD update of one tensor (or slice), then the point estimate into ``p``.
+
+    Run eagerly on each slice by :func:`_single_tensor` (``work``: its reused temporaries)
+    and as the compiled kernel (:func:`_compiled_kernel`, ``work=None``) on whole tensors,
+    whose micro-optimisations the flags turn on: ``inline`` (when :func:`_exp_in_range`) the
+    exponentials of :func:`_exp_` and the clamp as
+    :func:`~lightning_lowprec.optim.base.clamp_where`; ``low_weight`` (``1 - momentum < 0.5``)
+    the EMAs as in :func:`~lightning_lowprec.optim.base.ema_`. ``separate``: the two momenta
+    ``u± = EMA(±g theta±)`` at the sample (``drawn``: redrawn from ``keys``, ``noise`` and
+    ``offset``, see :func:`_sample_tensor`) or at the medians; else one shared momentum of
+    ``g``. ``interp``: Lion's sign (``sign_beta``). ``mean``: scale the point estimate.
     """
-    lr, w_momentum, w_sign, wd, lmr, low, high, sigma, scale = hp
-    g = g.float()
+    tmp = work or _no_scratch
+    g = g.float() if work is None or g.dtype == torch.float32 else tmp(0, g).copy_(g)
     if separate:
         if drawn:
             xp, xn = normal_pair(lp.numel(), keys, noise, offset)
-            tp = _exp_(xp.view_as(lp).mul_(sigma).add_(lp), inline, guard=True)
-            tn = _exp_(xn.view_as(ln).mul_(sigma).add_(ln), inline, guard=True)
+            tp = _exp_(xp.view_as(lp).mul_(h.sigma).add_(lp), inline, guard=True)
+            tn = _exp_(xn.view_as(ln).mul_(h.sigma).add_(ln), inline, guard=True)
+        elif inline:
+            tp, tn = _exp_(lp, True, guard=True), _exp_(ln, True, guard=True)
         else:
-            tp, tn = _exp_(lp.clone(), inline, True), _exp_(ln.clone(), inline, True)
-        cp = _sign_update(up, tp.mul_(g), w_momentum, w_sign, interp, low_weight)
-        cn = _sign_update(un, tn.mul_(g).neg_(), w_momentum, w_sign, interp, low_weight)
+            tp, tn = torch.exp(lp, out=tmp(1, lp)), torch.exp(ln, out=tmp(2, ln))
+        cp = _sign_update(up, tp.mul_(g), h.w_momentum, h.w_sign, interp, low_weight,
+                          out=tmp(3, lp))
+        cn = _sign_update(un, tn.mul_(g).neg_(), h.w_momentum, h.w_sign, interp, low_weight,
+                          out=tmp(4, ln))
     else:
-        cp = _sign_update(up, g, w_momentum, w_sign, interp, low_weight)
+        cp = _sign_update(up, g, h.w_momentum, h.w_sign, interp, low_weight, out=tmp(3, lp))
         cn = None  # -cp: subtracted below instead of added (the same values, one pass less)
     for log_m, c in ((lp, cp), (ln, cn)):
-        t = (log_m - lmr).mul_(wd)
+        t = torch.sub(log_m, h.log_m_ref, out=tmp(1, log_m)).mul_(h.weight_decay)
         t = t.add_(c) if c is not None else t.sub_(cp)
-        log_m.sub_(t.mul_(lr))
-        if inline:  # compiled: the cheaper spelling of the same clamp
-            log_m.copy_(clamp_where(log_m, low, high))
+        log_m.sub_(t.mul_(h.lr))
+        if inline:
+            log_m.copy_(clamp_where(log_m, h.low, h.high))
         else:
-            log_m.clamp_(low, high)
-    _point_estimate_tensor(p, lp, ln, scale, mean, inline=inline)
+            log_m.clamp_(h.low, h.high)
+    if work is None:
+        _point_estimate_tensor(p, lp, ln, h.scale, mean, inline=inline)
+        return
+    # Eagerly, _point_estimate_tensor's values in three passes instead of six: no clones,
+    # and the last operation writes into an fp32 ``p`` (a bf16 one takes the fp32 result).
+    theta, theta_neg = torch.exp(lp, out=tmp(1, lp)), torch.exp(ln, out=tmp(2, ln))
+    target = p if p.dtype == torch.float32 else theta
+    if mean:
+        torch.mul(theta.sub_(theta_neg), h.scale, out=target)
+    else:
+        torch.sub(theta, theta_neg, out=target)
+    if target is not p:
+        p.copy_(target)
 
 
-def _update_sliced(
+def _compiled_kernel(
     p: Tensor, g: Tensor, lp: Tensor, ln: Tensor, up: Tensor, un: Tensor | None,
-    keys: Tensor | None, hp: Sequence[float], *, offset: Tensor | None = None, **flags: Any,
+    keys: Tensor | None, hp: Tensor, **flags: Any,
 ) -> None:
-    """:func:`_update_tensor`, eagerly, on the :func:`~lightning_lowprec.optim.base.flat_slices`
-    of the tensor: the same values (a slice takes its part of the tensor's noise, see
-    :func:`~lightning_lowprec.optim.base.shifted`) with a few MiB of temporaries instead of up
-    to 32 bytes per element, and each slice's passes run in cache."""
+    """:func:`_update_math` as one ``torch.compile``'d kernel (through
+    :func:`~lightning_lowprec.optim.base.compiled`); ``hp`` holds the :class:`Hyper` fields in
+    order."""
+    _update_math(p, g, lp, ln, up, un, keys, Hyper(*hp.unbind()), **flags)
+
+
+def _single_tensor(
+    p: Tensor, g: Tensor, lp: Tensor, ln: Tensor, up: Tensor, un: Tensor | None,
+    keys: Tensor | None, h: Hyper, *, offset: Tensor | None = None, work: _Scratch,
+    **flags: Any,
+) -> None:
+    """:func:`_update_math`, eagerly, on the :func:`~lightning_lowprec.optim.base.flat_slices`
+    of one tensor: the same values (a slice takes its part of the tensor's noise, see
+    :func:`~lightning_lowprec.optim.base.shifted`) with a few MiB of temporaries (``work``)
+    instead of up to 32 bytes per element, and each slice's passes run in cache."""
     for start, (ps, gs, lps, lns, ups, uns) in flat_slices((p, g, lp, ln, up, un)):
-        _update_tensor(ps, gs, lps, lns, ups, uns, keys, hp, offset=shifted(offset, start),
-                       **flags)
+        _update_math(ps, gs, lps, lns, ups, uns, keys, h, offset=shifted(offset, start),
+                     work=work, **flags)
 
 
-def _update_foreach(
+def _slice_numel(row: tuple[Tensor | None, ...]) -> int:
+    """The most elements that one :func:`~lightning_lowprec.optim.base.flat_slices` slice of
+    a tensor's ``row`` (its parameter, gradient and states) holds."""
+    n = row[0].numel()
+    return min(n, STEP_SLICE) if all(t is None or t.is_contiguous() for t in row) else n
+
+
+def _multi_tensor(
     ps: list[Tensor], gs: list[Tensor], lps: list[Tensor], lns: list[Tensor],
-    ups: list[Tensor], uns: list[Tensor] | None, keys: list[Tensor | None],
-    hps: list[Sequence[float]], *, separate: bool, interp: bool, drawn: bool, noise: str,
-    mean: bool, offsets: list[Tensor | None] | None = None,
+    ups: list[Tensor], uns: list[Tensor] | None, keys: list[Tensor | None], hs: list[Hyper],
+    offsets: list[Tensor | None], **flags: Any,
 ) -> None:
-    """:func:`_update_tensor` over lists with ``torch._foreach_*`` ops (same arithmetic), in
+    """Tensors of one device with ``torch._foreach_*`` ops (:func:`_foreach_math`), in
     :func:`~lightning_lowprec.optim.base.slice_batches`: each temporary list holds at most
     ``STEP_SLICE`` elements, whatever the tensors' sizes."""
-    offsets = offsets or [None] * len(ps)
     rows = list(zip(ps, gs, lps, lns, ups, uns or [None] * len(ps), strict=True))
     for batch in slice_batches(rows):
         views = [list(t) for t in zip(*(v for _, _, v in batch), strict=True)]
-        _update_batch(
+        _foreach_math(
             *views, [keys[i] for i, _, _ in batch],
             [shifted(offsets[i], start) for i, start, _ in batch],
-            [hps[i] for i, _, _ in batch], separate=separate, interp=interp, drawn=drawn,
-            noise=noise, mean=mean,
+            [hs[i] for i, _, _ in batch], **flags,
         )
 
 
-def _update_batch(
+def _foreach_math(
     ps: list[Tensor], gs: list[Tensor], lps: list[Tensor], lns: list[Tensor],
     ups: list[Tensor], uns: list[Tensor | None], keys: list[Tensor | None],
-    offsets: list[Tensor | int | None], hps: list[Sequence[float]], *, separate: bool,
-    interp: bool, drawn: bool, noise: str, mean: bool,
+    offsets: list[Any], hs: list[Hyper], *, separate: bool, interp: bool, drawn: bool,
+    noise: str, mean: bool,
 ) -> None:
-    """One batch of :func:`_update_foreach` (views of at most ``STEP_SLICE`` elements)."""
-    lr, w_momentum, w_sign, wd, _, _, _, sigma, scale = hps[0]
-    lmrs, lows, highs = ([hp[i] for hp in hps] for i in (4, 5, 6))
+    """:func:`_update_math` over one batch of views (of at most ``STEP_SLICE`` elements in
+    all) with ``torch._foreach_*`` ops: the same arithmetic, bit for bit. The records of one
+    group differ only in their per-tensor fields (``log_m_ref``, ``low``, ``high``)."""
+    h = hs[0]
+    lmrs, lows, highs = [x.log_m_ref for x in hs], [x.low for x in hs], [x.high for x in hs]
     gs = [g.float() for g in gs]
 
     def signs(us: list[Tensor], vs: list[Tensor]) -> list[Tensor]:
         if interp:
-            cs = torch._foreach_lerp(us, vs, w_sign)
+            cs = torch._foreach_lerp(us, vs, h.w_sign)
             torch._foreach_sign_(cs)
-            torch._foreach_lerp_(us, vs, w_momentum)
+            torch._foreach_lerp_(us, vs, h.w_momentum)
             return cs
-        torch._foreach_lerp_(us, vs, w_momentum)
+        torch._foreach_lerp_(us, vs, h.w_momentum)
         return torch._foreach_sign(us)
 
     if separate:
@@ -249,8 +352,8 @@ def _update_batch(
             tps, tns = [], []
             for lp, ln, k, o in zip(lps, lns, keys, offsets, strict=True):
                 xp, xn = normal_pair(lp.numel(), k, noise, o)
-                tps.append(xp.view_as(lp).mul_(sigma).add_(lp).exp_())
-                tns.append(xn.view_as(ln).mul_(sigma).add_(ln).exp_())
+                tps.append(xp.view_as(lp).mul_(h.sigma).add_(lp).exp_())
+                tns.append(xn.view_as(ln).mul_(h.sigma).add_(ln).exp_())
         else:
             tps, tns = torch._foreach_exp(lps), torch._foreach_exp(lns)
         torch._foreach_mul_(tps, gs)
@@ -260,24 +363,30 @@ def _update_batch(
         cns = signs(uns, tns)
     else:
         cps = signs(ups, gs)
-        cns = None  # -cps, as in _update_tensor
+        cns = None  # -cps, as in _update_math
     for log_ms, cs in ((lps, cps), (lns, cns)):
         ts = torch._foreach_sub(log_ms, lmrs)
-        torch._foreach_mul_(ts, wd)
+        torch._foreach_mul_(ts, h.weight_decay)
         if cs is not None:
             torch._foreach_add_(ts, cs)
         else:
             torch._foreach_sub_(ts, cps)
-        torch._foreach_mul_(ts, lr)
+        torch._foreach_mul_(ts, h.lr)
         torch._foreach_sub_(log_ms, ts)
         torch._foreach_clamp_min_(log_ms, lows)
         torch._foreach_clamp_max_(log_ms, highs)
-    thetas = torch._foreach_exp(lps)
-    torch._foreach_sub_(thetas, torch._foreach_exp(lns))
+    thetas, theta_negs = torch._foreach_exp(lps), torch._foreach_exp(lns)
     if mean:
-        torch._foreach_mul_(thetas, scale)
-    for p, theta in zip(ps, thetas, strict=True):
-        p.copy_(theta)
+        torch._foreach_sub_(thetas, theta_negs)
+    # The last operation writes into each fp32 parameter (one pass less than a copy).
+    for p, theta, theta_neg in zip(ps, thetas, theta_negs, strict=True):
+        target = p if p.dtype == torch.float32 else theta
+        if mean:
+            torch.mul(theta, h.scale, out=target)
+        else:
+            torch.sub(theta, theta_neg, out=target)
+        if target is not p:
+            p.copy_(target)
 
 
 class LogMedians(NamedTuple):
@@ -696,66 +805,49 @@ class LMD(LowPrecisionOptimizer):
         self._written[p] = p._version
 
     def _update(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Dispatch, as torch's AdamW does: the compiled kernel (:func:`_compiled_kernel`) on
+        each tensor of a ``compiled`` group, else :func:`_multi_tensor` (``foreach``) or
+        :func:`_single_tensor`; all three take the same :class:`Hyper` records."""
         states = [self.state[p] for p in params]
         sampled = set(self._sampled or ())
         for p, s in zip(params, states, strict=True):
             if p not in sampled:
                 self._adopt_write(p, group, s)
-        half = 1.0 / group["weight_decay"] if group["weight_decay"] > 0 else math.inf
-        scale, mean = _scale(group)
-        sign_beta = group["sign_beta"]
-        hps = [
-            (
-                group["lr"], 1.0 - group["momentum"],
-                1.0 - (sign_beta if sign_beta is not None else 0.0), group["weight_decay"],
-                s["log_m_ref"], s["log_m_ref"] - half, s["log_m_ref"] + half,
-                group["sigma"], scale,
-            )
-            for s in states
-        ]
+        hs = [_hyper(group, s) for s in states]
         separate = group["separate_momentum"]
         drawn = self._drawn and separate
         # The sample this update follows was drawn before ``step`` was incremented.
-        keys = [
-            self._keys(group, s["index"], s["step"] - 1, p.device) if drawn else None
+        args = [
+            (p, p.grad, s["log_median_pos"], s["log_median_neg"], s["momentum"],
+             s["momentum_neg"] if separate else None,
+             self._keys(group, s["index"], s["step"] - 1, p.device) if drawn else None)
             for p, s in zip(params, states, strict=True)
         ]
-        flags = dict(
-            separate=separate, interp=sign_beta is not None, drawn=drawn, noise=group["noise"],
-            mean=mean,
-        )
-        moms_neg = [s["momentum_neg"] for s in states] if separate else [None] * len(states)
+        flags = dict(separate=separate, interp=group["sign_beta"] is not None, drawn=drawn,
+                     noise=group["noise"], mean=_scale(group)[1])
         device = params[0].device
         if use_compiled(group, device):
-            fn = compiled(_update_tensor)
-            table = torch.tensor(hps, dtype=torch.float32, device=params[0].device)
+            fn = compiled(_compiled_kernel)
+            table = torch.tensor(hs, dtype=torch.float32, device=device)
             for i, (p, s) in enumerate(zip(params, states, strict=True)):
-                fn(p, p.grad, s["log_median_pos"], s["log_median_neg"], s["momentum"],
-                   moms_neg[i], keys[i], table[i].to(p.device),
-                   inline=_exp_in_range(group, s["log_m_ref"]),
+                fn(*args[i], table[i].to(p.device), inline=_exp_in_range(group, s["log_m_ref"]),
                    low_weight=group["momentum"] > 0.5, offset=sharded.state_offset(s, p),
                    **flags)
-        elif not use_foreach(group, device):
-            for p, s, un, k, hp in zip(params, states, moms_neg, keys, hps, strict=True):
-                _update_sliced(p, p.grad, s["log_median_pos"], s["log_median_neg"],
-                               s["momentum"], un, k, hp, offset=s.get("offset"), **flags)
-        else:
+        elif use_foreach(group, device):
             for idx in by_device(params):
-                _update_foreach(
-                    [params[i] for i in idx], [params[i].grad for i in idx],
-                    [states[i]["log_median_pos"] for i in idx],
-                    [states[i]["log_median_neg"] for i in idx],
-                    [states[i]["momentum"] for i in idx],
-                    [moms_neg[i] for i in idx] if separate else None,
-                    [keys[i] for i in idx], [hps[i] for i in idx],
-                    offsets=[states[i].get("offset") for i in idx], **flags,
-                )
+                cols = [list(c) for c in zip(*(args[i] for i in idx), strict=True)]
+                _multi_tensor(*cols[:5], cols[5] if separate else None, cols[6],
+                              [hs[i] for i in idx], [states[i].get("offset") for i in idx],
+                              **flags)
+        else:
+            work = _Scratch(max(_slice_numel(a[:6]) for a in args), device)
+            for a, h, s in zip(args, hs, states, strict=True):
+                _single_tensor(*a, h, offset=s.get("offset"), work=work, **flags)
         for p in map(self._owner, params):
             self._written[p] = p._version
         if self._sampled is not None:
             updated = {self._owner(p) for p in params}
             self._sampled = [p for p in self._sampled if p not in updated]
-
 
 def _log_medians_from_weights(target: Tensor, m0: float) -> tuple[Tensor, Tensor]:
     """``log m±`` with ``m± = (sqrt(w^2 + 4 m0^2) ± w) / 2``: ``m+ - m- = target``,
