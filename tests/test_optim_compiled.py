@@ -143,3 +143,21 @@ def test_invalid_compiled_lists_the_choices(cls, value):
     with pytest.raises(ValueError, match=r"expected True, False or 'auto'") as info:
         cls([torch.nn.Parameter(torch.ones(2, 2))], compiled=value)
     assert f"Invalid compiled: {value!r}" in str(info.value)
+
+
+def _scale_in_place(p: torch.Tensor, *, k: int) -> None:
+    p.mul_(k)
+
+
+@pytest.mark.auto_compile
+def test_a_kernel_builds_more_graphs_than_dynamos_default_limit():
+    """Each static flag value is one more graph; a process that meets more than Dynamo's
+    default 8 (bf16 and fp32 parameters, several storages and optimizers: the test suite
+    does) must keep compiling, which under ``fullgraph=True`` it otherwise fails to do."""
+    kernel = base.compiled(_scale_in_place)
+    p = torch.ones(4)
+    variants = torch._dynamo.config.recompile_limit + 2
+    assert variants <= base.RECOMPILE_LIMIT
+    for k in range(1, variants + 1):
+        kernel(p, k=k)
+    assert torch.equal(p, torch.full((4,), float(torch.arange(1, variants + 1).prod())))

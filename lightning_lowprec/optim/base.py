@@ -81,6 +81,10 @@ _COMPILED: dict[Callable, Callable] = {}
 _OPTIONS = {"cpp.enable_floating_point_contract_flag": "fast"}
 _PURPOSE_ADAMW_ROUND = 4
 """The AdamW rule's rounding stream (LMD's own streams are 1-3, M+Adam's rounding 3)."""
+RECOMPILE_LIMIT = 64
+"""Graphs one compiled optimizer kernel may build: the product of the dtypes and static flags
+it is called with is finite and far below this (the ``"auto"`` path never sees a value here
+grow with training: shapes are dynamic and hyperparameters are tensors)."""
 COMPILED_MIN_NUMEL = 1 << 16
 """Smaller tensors take the ``foreach`` ops even on the ``compiled`` path: a compiled call
 costs 0.05-0.2 ms in Python and guards (measured), the work of ~100K elements, while one batch
@@ -130,10 +134,15 @@ def compiled(fn: Callable) -> Callable:
     compiled kernel 15 % faster on CPU (measured); Triton contracts on GPUs anyway. A result
     of the parameter's flat size comes back in the parameter's shape. A non-contiguous
     parameter (which has no flat view to write through) runs ``fn`` eagerly. The compiled
-    function is built once per process.
+    function is built once per process, with its own recompile limit of
+    :data:`RECOMPILE_LIMIT`: each dtype and flag combination is one more graph, and a process
+    that meets many of them (bf16 and fp32 parameters, several storages or optimizers) would
+    pass Dynamo's default of 8, which under ``fullgraph=True`` is an error, not a fallback.
     """
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=False, fullgraph=True, options=_OPTIONS)
+        _COMPILED[fn] = torch.compile(
+            fn, dynamic=False, fullgraph=True, options=_OPTIONS, recompile_limit=RECOMPILE_LIMIT
+        )
     inner = _COMPILED[fn]
 
     def call(p: Tensor, *args: Any, **kwargs: Any) -> Any:
