@@ -56,9 +56,11 @@ from lightning_lowprec.nn import (
     layer_formats,
 )
 from lightning_lowprec.quantizer import (
+    _INPUT_DTYPES,
     SCALE_RULES,
     ScaleRule,
     _biased_shared_exponents,
+    _grid_values,
     quantize,
 )
 
@@ -293,8 +295,8 @@ def pack(
         ``uint8`` tensor of ``weight.shape[:-1] + (blocks,)``.
 
     Raises:
-        ValueError: a per-tensor format, an unknown scale rule, or a 0-D or non-floating
-            ``weight``.
+        ValueError: a per-tensor format, an unknown scale rule, a 0-D ``weight`` or one not
+            fp32, bf16 or fp16.
         RuntimeError: the codes would not decode to ``quantize(weight, fmt)`` exactly (a
             quantizer whose output is off its own format's grid).
     """
@@ -308,26 +310,21 @@ def pack(
         raise ValueError(
             f"Unknown scale_rule {scale_rule!r}. Valid rules: {', '.join(SCALE_RULES)}."
         )
-    # The fp32 grid values: quantize in fp32 is bit for bit quantize in bf16/fp16 before its
-    # final cast, and every MX grid value is an fp32.
-    source = weight.detach().float()
-    q = quantize(source, fmt, -1, scale_rule=scale_rule)
+    if weight.dtype not in _INPUT_DTYPES:
+        raise ValueError(
+            f"pack expects a fp32, bf16 or fp16 weight (what quantize takes), got "
+            f"{weight.dtype}. Valid dtypes: {', '.join(map(str, _INPUT_DTYPES))}."
+        )
+    # The quantizer's own fp32 grid values (every MX grid value is an fp32), with the scales of
+    # the weight's dtype: the cast of q is quantize(weight) bit for bit.
+    q = _grid_values(weight.detach(), fmt, scale_rule)
     # Each block's shared exponent as the quantizer chose it, from the source block maxima
     # (zero padding changes no maximum) and the same helper: exact for either rule.
-    padded = _blocks(source, fmt.block_size)
+    padded = _blocks(weight.detach().float(), fmt.block_size)
     amax = torch.maximum(padded.amax(-1, keepdim=True), -padded.amin(-1, keepdim=True))
-    shared = _biased_shared_exponents(amax, fmt, scale_rule) - _E8M0_BIAS
+    shared = _biased_shared_exponents(amax, fmt, scale_rule, weight.dtype) - _E8M0_BIAS
     nan = ~torch.isfinite(amax)
-    elements = _blocks(q, fmt.block_size) * _pow2(-shared)
-    overflow = torch.isinf(elements) & ~nan
-    if overflow.any():
-        # rceil can round a block max within 2**-(mbits + 1) of fp32's max up past it: the MX
-        # value (code times scale) is fine, its fp32 value inf. Half the block has the same
-        # codes under a scale one lower, and a finite quantized value to read them off.
-        halved = quantize(source / 2, fmt, -1, scale_rule=scale_rule)
-        elements = torch.where(overflow, _blocks(halved, fmt.block_size) * _pow2(1 - shared),
-                               elements)
-    elements = elements.masked_fill(nan, 0.0)
+    elements = (_blocks(q, fmt.block_size) * _pow2(-shared)).masked_fill_(nan, 0.0)
     scales = (shared + _E8M0_BIAS).to(torch.uint8).masked_fill_(nan, _E8M0_NAN).squeeze(-1)
     length = weight.shape[-1]
     codes = _encode(elements.flatten(-2)[..., :length], fmt)

@@ -21,8 +21,14 @@ block shorter when the axis length is not a multiple of 32; or the whole tensor 
   ``shared_exp = clamp(ceil(log2(f32(amax / max))), -127, 127)``: the smallest power of two
   that maps the fp32 quotient onto the element max, so the block's max saturates (almost)
   never and keeps more of its mantissa (relative MSE on randn in MXFP8 E4M3: 8.6e-4 floor,
-  7.1e-4 rceil); each element ``v = x / 2**shared_exp`` is rounded to the element format with
-  quantum
+  7.1e-4 rceil). Either rule's exponent is then capped at ``top - emax``, ``top`` the
+  exponent of the input dtype's largest binade (127 for fp32 and bf16, 15 for fp16): the
+  largest scale under which every grid value is finite in that dtype. Only rceil reaches the
+  cap, for a block max in the dtype's top binade whose ceiling would be one higher, where the
+  block max could round up to ``2**emax * 2**shared_exp = 2**(top + 1)``, inf (fp32 max in
+  MXFP8 E4M3: 255.99 rounds to 256 under ``2**120``); such a block takes floor's scale and
+  saturates as floor does. Each element ``v = x / 2**shared_exp`` is rounded to the element
+  format with quantum
   ``2**(max(floor(log2|v|), emin) - mbits)`` (MXINT8: ``2**-6``), saturated at the element
   max, and scaled back. A block whose max itself rounds up past the element max saturates.
 * Per-tensor FP8: ``scale = max / max(amax, max * 2**-126)`` in fp32 (the scale stays a
@@ -32,8 +38,8 @@ block shorter when the axis length is not a multiple of 32; or the whole tensor 
 * Zeros stay zeros and keep their sign; so does anything that rounds to zero.
 * NaN **and ±inf** make their whole scaling group NaN, for every format: E8M0 has no infinite
   scale and ``max / inf`` would zero the tensor, so an overflow upstream shows up instead of
-  being silently saturated (the ``microxcaling`` library behaves the same). No format here
-  ever produces inf.
+  being silently saturated (the ``microxcaling`` library behaves the same). No format or
+  scale rule here produces inf from finite inputs.
 
 Rounding modes: ``"even"`` (round to nearest, ties to even: the spec's default),
 ``"nearest"`` (ties away from zero, ``microxcaling``'s default), ``"stochastic"`` (round up
@@ -78,6 +84,8 @@ _F32_MANT_BITS = 23
 _F32_BIAS = 127
 _F32_MIN_SCALE_BITS = 1 << 22
 """The bits of 2**-127, E8M0's smallest scale (an fp32 subnormal)."""
+_TOP_EXPONENTS = {d: math.frexp(torch.finfo(d).max)[1] - 1 for d in _INPUT_DTYPES}
+"""``floor(log2(max))`` of each input dtype: 127 (fp32, bf16), 15 (fp16)."""
 
 
 def quantize(
@@ -131,7 +139,18 @@ def quantize(
         return x.clone()
     if fmt.scaling == "tensor":
         return _quantize_tensorwise(x, fmt, rounding, generator)
-    return _quantize_blockwise(x, fmt, axis, rounding, generator, scale_rule)
+    return _quantize_blockwise(x, fmt, axis, rounding, generator, scale_rule, x.dtype)
+
+
+def _grid_values(x: Tensor, fmt: Format, scale_rule: ScaleRule) -> Tensor:
+    """The fp32 grid values of ``quantize(x, fmt, -1, scale_rule=scale_rule)`` (an MX
+    ``fmt``), before its cast back to ``x``'s dtype: the exact values the export encodes.
+
+    The scales are those of ``x``'s dtype (capped for fp16's range), so that the cast of the
+    result is ``quantize(x, ...)`` bit for bit, where quantizing ``x.float()`` would pick
+    fp32's scales.
+    """
+    return _quantize_blockwise(x.float(), fmt, -1, "even", None, scale_rule, x.dtype)
 
 
 class _QuantizeSTE(torch.autograd.Function):
@@ -219,7 +238,10 @@ def _quantize_blockwise(
     rounding: str,
     generator: torch.Generator | None,
     scale_rule: str,
+    dtype: torch.dtype,
 ) -> Tensor:
+    """``x`` quantized to the MX ``fmt`` along ``axis``, with the scales of ``dtype`` (the
+    input's; see :func:`_biased_shared_exponents`)."""
     # View x as (before, axis, after) and cut the axis into blocks in place: (before, blocks,
     # 32, after), reduced over dim 2. No axis is moved, so a contiguous x is never copied
     # (whatever the axis) and the output keeps x's layout.
@@ -240,7 +262,7 @@ def _quantize_blockwise(
                 _quantize_blocks_in_slices(
                     grouped[:, start:stop].unflatten(1, (-1, size)),
                     dst[:, start:stop].unflatten(1, (-1, size)),
-                    fmt, rounding, generator, scale_rule,
+                    fmt, rounding, generator, scale_rule, dtype,
                 )
         return out
     # The whole blocks and the short last block quantized apart and concatenated: Inductor
@@ -254,7 +276,8 @@ def _quantize_blockwise(
             size = min(fmt.block_size, stop - start)
             blocks = grouped[:, start:stop].unflatten(1, (-1, size))
             pieces.append(
-                _quantize_block_view(blocks, fmt, rounding, generator, scale_rule).flatten(1, 2)
+                _quantize_block_view(blocks, fmt, rounding, generator, scale_rule, dtype)
+                .flatten(1, 2)
             )
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
     return out.reshape(x.shape)
@@ -266,9 +289,10 @@ def _quantize_block_view(
     rounding: str,
     generator: torch.Generator | None,
     scale_rule: str,
+    dtype: torch.dtype,
 ) -> Tensor:
     """The plain graph on blocks ``(rows, blocks, size[, after])``, reduced over dim 2: a
-    fresh tensor of ``blocks``' shape and dtype."""
+    fresh tensor of ``blocks``' shape and dtype, with the scales of ``dtype``."""
     # Under compile |x| fuses into the reduction (one reduction, not two; in fp32, exact:
     # Inductor fails to compile several fp16 abs-max reductions in one kernel); eagerly
     # max(amax, -amin) is one cheap pass each, where abs() would allocate a copy. Both
@@ -277,7 +301,7 @@ def _quantize_block_view(
         amax = blocks.float().abs().amax(2, keepdim=True)
     else:
         amax = torch.maximum(blocks.amax(2, keepdim=True), -blocks.amin(2, keepdim=True))
-    inverse, scale, finite = _block_scales(amax.float(), fmt, scale_rule)
+    inverse, scale, finite = _block_scales(amax.float(), fmt, scale_rule, dtype)
     values = blocks * inverse  # the one fp32 buffer; everything after is in place
     _round_elements_(values, fmt, rounding, generator)
     # NaN blocks are filled after the cast so that they hold the output dtype's default NaN:
@@ -286,9 +310,10 @@ def _quantize_block_view(
 
 
 def _block_scales(
-    amax: Tensor, fmt: Format, scale_rule: str
+    amax: Tensor, fmt: Format, scale_rule: str, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(2**-shared_exp, 2**shared_exp, amax is finite)`` from the fp32 block maxima.
+    """``(2**-shared_exp, 2**shared_exp, amax is finite)`` from the fp32 block maxima of a
+    ``dtype`` tensor.
 
     Built from the bits, in a few small integer ops: ``floor(log2(amax))`` is the exponent
     field (0 / subnormal amax land at or below E8M0's lower limit, which clamps them), and
@@ -296,19 +321,22 @@ def _block_scales(
     one E8M0 scale below fp32's normal range (``exp2`` is not guaranteed exact, and
     ``.to(float8_e8m0fnu)`` rounds instead of flooring).
     """
-    biased = _biased_shared_exponents(amax, fmt, scale_rule)
+    biased = _biased_shared_exponents(amax, fmt, scale_rule, dtype)
     # A biased exponent of 0 gives the bits 0 (the value 0.0), which the clamp lifts to 2**-127.
     scale = (biased << _F32_MANT_BITS).clamp_(min=_F32_MIN_SCALE_BITS).view(torch.float32)
     inverse = ((2 * _F32_BIAS - biased) << _F32_MANT_BITS).clamp_(min=_F32_MIN_SCALE_BITS)
     return inverse.view(torch.float32), scale, torch.isfinite(amax)
 
 
-def _biased_shared_exponents(amax: Tensor, fmt: Format, scale_rule: str) -> Tensor:
-    """``shared_exp + 127`` (int32, E8M0's biased code in [0, 254]) of fp32 block maxima.
+def _biased_shared_exponents(
+    amax: Tensor, fmt: Format, scale_rule: str, dtype: torch.dtype
+) -> Tensor:
+    """``shared_exp + 127`` (int32, E8M0's biased code in [0, 254]) of the fp32 block maxima
+    of a ``dtype`` tensor (fp32, bf16 or fp16: the dtype the quantized values are cast to).
 
-    The one place the scale rule is decided, so that the quantizer, the ``scaled_mm`` backend
-    and the monitor agree on every block's scale. A NaN/inf ``amax`` gives some code; its
-    block is NaN anyway.
+    The one place the scale rule is decided, so that the quantizer, the ``scaled_mm`` backend,
+    the export and the monitor agree on every block's scale. A NaN/inf ``amax`` gives some
+    code; its block is NaN anyway.
     """
     if scale_rule == "floor":
         # shared_exp + 127 = floor(log2(amax)) - emax + 127.
@@ -320,8 +348,13 @@ def _biased_shared_exponents(amax: Tensor, fmt: Format, scale_rule: str) -> Tens
         d = (amax / fmt.max).view(torch.int32)
         biased = (d >> _F32_MANT_BITS) + (d & _F32_MANT_MASK).ne(0)
         biased = torch.where(d > _F32_MIN_SCALE_BITS, biased, 0)
-    # Clamped to E8M0's range: shared_exp in [-127, 127].
-    return biased.clamp_(E8M0_MIN_EXP + _F32_BIAS, E8M0_MAX_EXP + _F32_BIAS)
+    # Clamped to E8M0's range, shared_exp >= -127, and to top - emax (<= 127): every grid
+    # value times the scale is then at most max * 2**(top - emax) < 2**top * (2 - 2**-7),
+    # finite in dtype (fp16, bf16 round to inf only from (2 - 2**-11), (2 - 2**-8) * 2**top).
+    # Floor's exponent, floor(log2(amax)) - emax, never exceeds the cap; rceil's exceeds it
+    # for some maxima in dtype's top binade, whose max could round up to 2**(top + 1) = inf.
+    top = min(_TOP_EXPONENTS[dtype] - fmt.emax, E8M0_MAX_EXP)
+    return biased.clamp_(E8M0_MIN_EXP + _F32_BIAS, top + _F32_BIAS)
 
 
 def _quantize_blocks_in_slices(
@@ -331,10 +364,12 @@ def _quantize_blocks_in_slices(
     rounding: str,
     generator: torch.Generator | None,
     scale_rule: str,
+    dtype: torch.dtype,
 ) -> None:
     """Quantize the blocks ``src`` (``(rows, blocks, size[, after])``) into the output view
     ``dst``, slice by slice: the input is read from memory once and the output written once,
-    every pass in between runs on a cache-sized fp32 slice (the output itself for fp32)."""
+    every pass in between runs on a cache-sized fp32 slice (the output itself for fp32). The
+    scales are those of ``dtype``."""
     scratch = _Scratch(src.device)
     for index in _slices(src.shape):
         piece, out = src[index], dst[index]
@@ -342,7 +377,8 @@ def _quantize_blocks_in_slices(
         if piece.dtype != torch.float32:
             piece = values.copy_(piece)  # widened once (exact); the cast passes are slow
         magnitude = torch.abs(piece, out=scratch.take("quantum", piece))
-        inverse, scale, finite = _block_scales(magnitude.amax(2, keepdim=True), fmt, scale_rule)
+        inverse, scale, finite = _block_scales(
+            magnitude.amax(2, keepdim=True), fmt, scale_rule, dtype)
         torch.mul(piece, inverse, out=values)
         _round_elements_(values, fmt, rounding, generator, scratch)
         values.mul_(scale)

@@ -202,7 +202,8 @@ def quantize_operand(
     ``fmt.torch_dtype``; ``scales`` the fp32 decode scale ``amax / max`` (per-tensor) or the
     E8M0 scale of each block, (rows, K / 32) as ``float8_e8m0fnu`` (MX). ``elements * scales``
     is :func:`~lightning_lowprec.quantize` of ``t`` (along K), up to one fp32 rounding for
-    per-tensor formats and exactly for MX, with the same ``scale_rule``.
+    per-tensor formats and exactly for MX, with the same ``scale_rule`` (and ``t.dtype``'s
+    scales: fp16's range caps them).
     """
     pad = -t.shape[1] % _ALIGN[fmt.scaling]
     if pad:
@@ -214,7 +215,7 @@ def quantize_operand(
     else:
         blocks = t.unflatten(1, (-1, fmt.block_size))
         amax = torch.maximum(blocks.amax(2, keepdim=True), -blocks.amin(2, keepdim=True)).float()
-        biased = _biased_shared_exponents(amax, fmt, scale_rule)
+        biased = _biased_shared_exponents(amax, fmt, scale_rule, t.dtype)
         decode = biased.to(torch.uint8).view(torch.float8_e8m0fnu)
         encode = 1 / decode.float()  # a power of two: exact
         t = blocks

@@ -17,7 +17,10 @@ index 0; a shorter last block is logically zero-padded):
    ``floor(log2)`` of the exact value (fp32 subnormals included). An all-zero block stays zero,
    each output keeping its input's sign. Scale rule ``"rceil"`` (NVIDIA's for MXFP8, not in
    the spec) instead takes ``d = f32(amax / max)`` and ``shared_exp = clamp(ceil(log2(d)),
-   -127, 127)`` (``-127`` for ``d = 0``).
+   -127, 127)`` (``-127`` for ``d = 0``). Either rule's exponent is then lowered, if need be,
+   to the largest ``s`` with ``max * 2**s <=`` the largest finite value of the output dtype
+   (fp32, bf16 or fp16), so that no grid value of the block is inf there (not in the spec,
+   which has no fp32 output; only rceil ever needs it).
 4. ``v_i = x_i / 2**shared_exp`` (exact).
 5. Float elements: ``e_i = max(floor(log2|v_i|), emin)``, quantum ``q_i = 2**(e_i - mbits)``,
    ``k = round(|v_i| / q_i)``, ``r = min(k * q_i, max)`` (saturation),
@@ -84,6 +87,13 @@ REFERENCE_FORMATS: dict[str, RefFormat] = {
         RefFormat("fp8_e5m2", True, False, 2, -14, 15, 57344.0),
     )
 }
+
+DTYPE_MAX: dict[torch.dtype, float] = {
+    torch.float32: (2 - 2.0**-23) * 2.0**127,
+    torch.bfloat16: (2 - 2.0**-7) * 2.0**127,
+    torch.float16: (2 - 2.0**-10) * 2.0**15,
+}
+"""The largest finite value of each output dtype, by hand from the IEEE / bfloat16 layouts."""
 
 ROUNDING_MODES = ("even", "nearest", "stochastic")
 SCALE_RULES = ("floor", "rceil")
@@ -171,8 +181,23 @@ def shared_exponent(amax: float, fmt: RefFormat, scale_rule: str) -> int:
     raise ValueError(f"unknown scale rule {scale_rule!r}")
 
 
+def finite_exponent_cap(fmt: RefFormat, dtype: torch.dtype) -> int:
+    """The largest ``s`` with ``fmt.max * 2**s <= DTYPE_MAX[dtype]`` (exact: powers of two)."""
+    s = 0
+    while fmt.max * 2.0 ** (s + 1) <= DTYPE_MAX[dtype]:
+        s += 1
+    while fmt.max * 2.0**s > DTYPE_MAX[dtype]:
+        s -= 1
+    return s
+
+
 def _mx_block(
-    block: list[float], fmt: RefFormat, rounding: str, rand: list[float] | None, scale_rule: str
+    block: list[float],
+    fmt: RefFormat,
+    rounding: str,
+    rand: list[float] | None,
+    scale_rule: str,
+    dtype: torch.dtype,
 ):
     if any(math.isnan(x) or math.isinf(x) for x in block):
         return [math.nan] * len(block)
@@ -181,6 +206,7 @@ def _mx_block(
         return [math.copysign(0.0, x) for x in block]
     shared_exp = shared_exponent(amax, fmt, scale_rule)
     shared_exp = min(max(shared_exp, SCALE_EXP_MIN), SCALE_EXP_MAX)
+    shared_exp = min(shared_exp, finite_exponent_cap(fmt, dtype))
     scale = 2.0**shared_exp  # exact in double: 2**-127 .. 2**127
     out = []
     for i, x in enumerate(block):
@@ -212,6 +238,7 @@ def reference_quantize(
     rounding: str,
     rand: list[float] | None = None,
     scale_rule: str = "floor",
+    dtype: torch.dtype = torch.float32,
 ) -> list[float]:
     """Fake-quantize one 1-D group of exact fp32 values; returns exact values as Python floats.
 
@@ -220,7 +247,8 @@ def reference_quantize(
     holds one uniform draw in ``[0, 1]`` per value for ``rounding="stochastic"``.
 
     The values returned for fp32 inputs are the exact results; for bf16 / fp16 inputs cast them
-    with :func:`to_dtype`. ``scale_rule`` applies to the MX formats only.
+    with :func:`to_dtype`. ``scale_rule`` applies to the MX formats only, as does ``dtype``,
+    the output dtype, whose range caps the shared exponent (MX step 3).
     """
     fmt = REFERENCE_FORMATS[fmt_name]
     if rounding not in ROUNDING_MODES:
@@ -234,7 +262,7 @@ def reference_quantize(
     for start in range(0, len(values), BLOCK_SIZE):
         block_rand = None if rand is None else rand[start : start + BLOCK_SIZE]
         block = values[start : start + BLOCK_SIZE]
-        out.extend(_mx_block(block, fmt, rounding, block_rand, scale_rule))
+        out.extend(_mx_block(block, fmt, rounding, block_rand, scale_rule, dtype))
     return out
 
 
@@ -268,7 +296,7 @@ def reference_quantize_tensor(
     if fmt.per_tensor or x.dim() == 0:
         flat = exact.reshape(-1).tolist()
         flat_rand = None if rand is None else rand.reshape(-1).tolist()
-        out = reference_quantize(flat, fmt_name, rounding, flat_rand, scale_rule)
+        out = reference_quantize(flat, fmt_name, rounding, flat_rand, scale_rule, x.dtype)
         return to_dtype(out, x.dtype).reshape(x.shape)
     axis = axis % x.dim()
     lines = exact.movedim(axis, -1)
@@ -278,7 +306,8 @@ def reference_quantize_tensor(
     out = []
     for i, line in enumerate(lines.tolist()):
         line_rand = None if rand_lines is None else rand_lines[i]
-        out.append(reference_quantize(line, fmt_name, rounding, line_rand, scale_rule))
+        out.append(reference_quantize(line, fmt_name, rounding, line_rand, scale_rule,
+                                      x.dtype))
     result = to_dtype([v for line in out for v in line], x.dtype)
     return result.reshape(moved_shape).movedim(-1, axis).contiguous()
 

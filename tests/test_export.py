@@ -82,8 +82,8 @@ def test_rceil_round_trip_is_exact_and_keeps_rceil_scales(fmt, dtype):
     w = torch.randn(16, 70, generator=gen) * torch.logspace(-20, 20, 16)[:, None]
     w[:, 0] = f.max * 1.005 * 2.0 ** torch.arange(-8, 8).float()  # floor saturates these
     w[3, 40] = math.nan
-    # rceil rounds this block's max up past fp32's max (inf in fp32, a valid MX value; found
-    # by hypothesis): the codes still round-trip.
+    # rceil's ceiling would round this block's max up past fp32's max (found by hypothesis):
+    # the scale is capped to keep it finite (see test_scale_rule.py), and it round-trips.
     w[5, 69] = 3.2965e38
     w = w.to(dtype)
     codes, scales = pack(w, fmt, "rceil")
@@ -166,6 +166,13 @@ def test_nan_block_scale_and_signed_zero_codes():
 def test_pack_refuses_per_tensor_formats():
     with pytest.raises(ValueError, match="MX format .*mxfp8_e4m3.*got .fp8_e4m3."):
         pack(torch.randn(4, 32), "fp8_e4m3")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
+def test_pack_refuses_what_quantize_refuses(dtype):
+    """Its docstring promised it; it packed fp32 grid values of a float64 or int weight."""
+    with pytest.raises(ValueError, match=f"got {dtype}.*Valid dtypes: torch.float32"):
+        pack(torch.ones(4, 32, dtype=dtype), "mxfp8_e4m3")
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,16 +4,23 @@ of a :class:`QuantizedLinear`: forward operands, the cached weight and the quant
 
 from __future__ import annotations
 
+import contextlib
+import math
+from unittest import mock
+
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SEQ_LEN, TokenWindows, make_gpt
+from mx_reference import reference_quantize_tensor
 from torch import nn
 
+import lightning_lowprec.quantizer as quantizer
 from lightning_lowprec import LowPrecision, LowPrecisionPlugin, QuantizedLinear, quantize
 from lightning_lowprec.callbacks.monitor import _quantization_sums
-from lightning_lowprec.formats import parse
+from lightning_lowprec.export import pack, unpack
+from lightning_lowprec.formats import FORMATS, parse
 from lightning_lowprec.nn import quantize_linears
 from lightning_lowprec.scaled_mm import quantize_operand
 
@@ -193,3 +200,102 @@ def test_litgpt_runner_says_it_in_its_summary_line():
         opts = LowPrecOptions.from_mapping({"fmt": FMT, "scale_rule": rule, "monitor": None})
         run = SimpleNamespace(options=opts, command="finetune", config={}, fabric=None)
         assert shown in applied(run, model, [])
+
+
+# The top of each dtype's range (issue 18): rceil's ceiling can take a block max in the
+# dtype's top binade one scale higher, where it rounds up to 2**(top + 1) = inf.
+
+MX_FORMATS = [name for name, f in FORMATS.items() if f.scaling == "block"]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def top_blocks(fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    """Blocks of 32 whose max lies in ``dtype``'s top binade: at the dtype's max, at ``2**top``,
+    around ``max * 2**(top - emax)`` (where rceil's scale steps up) and around the element
+    grid's round-up point ``(2 - 2**-(mbits + 1)) * 2**top``; the rest of each block spans
+    many binades below, so the scale matters to them too."""
+    f, big = FORMATS[fmt], torch.finfo(dtype).max
+    top = math.frexp(big)[1] - 1
+    anchors = torch.tensor([big, 2.0**top, f.max / 2**f.emax * 2.0**top,
+                            (2 - 2.0 ** -(f.mbits + 1)) * 2.0**top, 1.9 * 2.0**top],
+                           dtype=torch.float64).to(dtype)
+    anchors = torch.cat([anchors, torch.nextafter(anchors, torch.zeros_like(anchors)),
+                         torch.nextafter(anchors, torch.full_like(anchors, math.inf))])
+    anchors = anchors[torch.isfinite(anchors)]
+    rest = (torch.linspace(-1, 1, 31, dtype=torch.float64)
+            * torch.logspace(0, -12, 31, base=2, dtype=torch.float64))
+    lines = [torch.cat([a.view(1).double(), (a.double() * rest)]) for a in anchors]
+    return torch.stack(lines).to(dtype)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+    return a.view(ints[a.dtype]) == b.view(ints[b.dtype])
+
+
+@contextlib.contextmanager
+def graph_path():
+    """Run the plain graph (what compile, CUDA and autograd use) eagerly on CPU."""
+    with mock.patch.object(quantizer, "_in_slices", lambda x: False):
+        yield
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", MX_FORMATS)
+def test_rceil_is_finite_at_the_top_of_the_dtype_and_matches_the_reference(fmt, dtype):
+    """Every rounding mode, the slice loop and the plain graph: finite, and the reference's
+    values (its scale capped at the largest with ``max * 2**s`` finite in the dtype); the
+    capped blocks are floor's blocks."""
+    x = top_blocks(fmt, dtype)
+    # Stochastic rounding lands on the lower or upper neighbour, the reference's results for
+    # the draws 1 and 0.
+    lower = reference_quantize_tensor(x, fmt, -1, "stochastic", torch.ones_like(x), RULE)
+    upper = reference_quantize_tensor(x, fmt, -1, "stochastic", torch.zeros_like(x), RULE)
+    for path in (contextlib.nullcontext, graph_path):
+        for rounding in ("even", "nearest", "stochastic"):
+            with path():
+                got = quantize(x, fmt, rounding=rounding, scale_rule=RULE)
+            assert torch.isfinite(got).all(), (rounding, path)
+            if rounding == "stochastic":
+                assert (same_bits(got, lower) | same_bits(got, upper)).all(), path
+            else:
+                expected = reference_quantize_tensor(x, fmt, rounding=rounding, scale_rule=RULE)
+                assert same_bits(got, expected).all(), (rounding, path)
+    assert torch.isfinite(upper).all(), "the reference overflows"
+    # The blocks whose rceil scale would overflow take floor's scale, hence floor's values.
+    assert same_bits(quantize(x[:1], fmt, scale_rule=RULE), quantize(x[:1], fmt)).all()
+
+
+def _top_all_formats(x32, x16b, x16):
+    return [quantize(x, fmt, scale_rule=RULE) for x in (x32, x16b, x16) for fmt in MX_FORMATS]
+
+
+@pytest.mark.slow
+def test_compiled_rceil_is_finite_at_the_top_and_equals_eager():
+    inputs = [torch.cat([top_blocks(fmt, d) for fmt in MX_FORMATS]) for d in DTYPES]
+    got = torch.compile(_top_all_formats, dynamic=False)(*inputs)
+    for g, e in zip(got, _top_all_formats(*inputs), strict=True):
+        assert torch.isfinite(g).all()
+        assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_top_of_the_range_scaled_mm_export_and_monitor_follow_the_capped_scale(dtype):
+    """The ``scaled_mm`` operands decode to the finite ``quantize``; the export packs and
+    unpacks it bit for bit; the monitor counts the capped block maxima as saturated."""
+    for fmt in MX_FORMATS:
+        x = top_blocks(fmt, dtype)
+        expected = quantize(x, fmt, scale_rule=RULE)
+        assert torch.isfinite(expected).all()
+        if parse(fmt).torch_dtype is not None:
+            elements, scales = quantize_operand(x, parse(fmt), "even", RULE)
+            decoded = (elements.float().unflatten(1, (-1, 32)) * scales.float()[..., None])
+            assert torch.equal(decoded.flatten(1).to(dtype), expected), fmt
+        codes, scales = pack(x, fmt, RULE)
+        assert torch.equal(unpack(codes, scales, fmt, x.shape, dtype), expected), fmt
+        # The first line holds +-the dtype's max: beyond max * 2**(top - emax), saturated.
+        f, line = FORMATS[fmt], x[:1]
+        top = math.frexp(torch.finfo(dtype).max)[1] - 1
+        beyond = (line.double().abs() > f.max * 2.0 ** (top - f.emax)).sum()
+        assert beyond == 2
+        assert _quantization_sums(line, parse(fmt), "even", None, RULE)[2] == beyond, fmt

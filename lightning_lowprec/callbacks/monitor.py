@@ -729,19 +729,24 @@ def _quantization_sums(
     quantizes its weight and its input (the reduction axis of the matmul), with its scale rule.
     """
     q = quantize(x, fmt, -1, rounding, generator, scale_rule).float()
-    x = x.float()
+    dtype, x = x.dtype, x.float()
     flushed = ((x != 0) & (q == 0)).count_nonzero()
-    sums = [x.square().sum(), (x - q).square().sum(), _saturated(x, fmt, scale_rule), flushed]
+    saturated = _saturated(x, fmt, scale_rule, dtype)
+    sums = [x.square().sum(), (x - q).square().sum(), saturated, flushed]
     return torch.stack([s.float() for s in sums])
 
 
-def _saturated(x: Tensor, fmt: Format, scale_rule: ScaleRule = "floor") -> Tensor:
-    """How many elements of fp32 ``x`` lie beyond the largest magnitude of their MX block.
+def _saturated(
+    x: Tensor, fmt: Format, scale_rule: ScaleRule = "floor", dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """How many elements of fp32 ``x`` (a ``dtype`` tensor widened) lie beyond the largest
+    magnitude of their MX block.
 
     The block's largest magnitude is ``max · 2**shared_exp`` with the quantizer's
-    ``shared_exp`` for ``scale_rule`` (the spec's ``floor(log2(amax)) − emax``, or rceil's
-    ``ceil(log2(amax / max))``, E8M0-clamped); the quantizer clamps such elements there
-    (under rceil almost never: where ``amax / max`` rounds down onto a power of two in fp32).
+    ``shared_exp`` for ``scale_rule`` and ``dtype`` (the spec's ``floor(log2(amax)) − emax``,
+    or rceil's ``ceil(log2(amax / max))``, clamped to E8M0 and to ``dtype``'s finite range);
+    the quantizer clamps such elements there (under rceil almost never: where ``amax / max``
+    rounds down onto a power of two in fp32, or a block max in ``dtype``'s top binade).
     Per-tensor formats scale the tensor's amax onto the format's max: nothing saturates.
     """
     if fmt.scaling == "tensor":
@@ -751,7 +756,8 @@ def _saturated(x: Tensor, fmt: Format, scale_rule: ScaleRule = "floor") -> Tenso
     if pad:
         magnitudes = F.pad(magnitudes, (0, pad))
     magnitudes = magnitudes.unflatten(1, (-1, fmt.block_size))
-    shared = _biased_shared_exponents(magnitudes.amax(-1, keepdim=True), fmt, scale_rule) - 127
+    amax = magnitudes.amax(-1, keepdim=True)
+    shared = _biased_shared_exponents(amax, fmt, scale_rule, dtype) - 127
     return (magnitudes > fmt.max * _exp2(shared)).count_nonzero()
 
 
