@@ -12,7 +12,14 @@ are ms (minimum over repeats); "x peer" is our time / the peer's time (below 1: 
 The optimizer benchmark runs as a subprocess (``python -m benchmarks.optim``; its JSON is read
 back), each train-step configuration too (for its own peak RSS). CPU only: no GPU row.
 
-Run: ``OMP_NUM_THREADS=1 python -m benchmarks [--quick] [--out DIR] [--sections ...]``.
+As ``python -m benchmarks.quantize`` does, the process asks glibc to keep freed memory for
+reuse (``benchmarks.quantize.keep_freed_memory``), so that the in-process sections (quantizer,
+``QuantizedLinear``) time kernels, not the page faults of every fresh 32 MiB+ buffer;
+``--return-freed-memory`` keeps glibc's default. The JSON records ``reuse_freed_memory``. The
+optimizer and train-step subprocesses start with glibc's default either way.
+
+Run: ``OMP_NUM_THREADS=1 python -m benchmarks [--quick] [--out DIR] [--sections ...]
+[--return-freed-memory]``.
 Prints the table; writes ``benchmarks.json`` (and each section's own JSON) to
 ``benchmarks/results/`` or ``--out``. ``--quick`` (small shapes, no compilation, a subset of
 formats and configurations) takes about a minute. ``--sections train_step`` (say) re-runs some
@@ -77,10 +84,11 @@ def row(benchmark: str, case: str, ms: float | None, peer: str | None,
             "x peer": ratio, **extra}
 
 
-def quantize_rows(settings: dict) -> list[dict]:
+def quantize_rows(settings: dict, reuse_freed_memory: bool) -> list[dict]:
     """``benchmarks.quantize.run``: one row per format and mode against torchao (eager)."""
     rows = quantize.run(**settings)
-    write_json("quantize", rows, **{k: v for k, v in settings.items() if k != "formats"})
+    write_json("quantize", rows, **{k: v for k, v in settings.items() if k != "formats"},
+               reuse_freed_memory=reuse_freed_memory)
     out = []
     for r in rows:
         for mode in ("eager", "compiled"):
@@ -193,7 +201,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads in every benchmark (1: ratios are fair on a shared "
                              "machine)")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--return-freed-memory", action="store_true",
+                        help="keep glibc's default of unmapping freed large buffers (every "
+                        "fresh output then page-faults)")
     args = parser.parse_args(argv)
+    reuse = not args.return_freed_memory and quantize.keep_freed_memory()
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         timing.RESULTS_DIR = args.out.resolve()
@@ -204,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("torch._inductor").setLevel(logging.CRITICAL + 1)
     settings = SETTINGS["quick" if args.quick else "full"]
     collect = {
-        "quantize": lambda: quantize_rows(settings["quantize"]),
+        "quantize": lambda: quantize_rows(settings["quantize"], reuse),
         "linear": lambda: linear_rows(settings["linear"]),
         "optim": lambda: optim_rows(settings["optim"], args.threads),
         "train_step": lambda: train_step_rows(settings["train_step"]),
@@ -221,12 +233,14 @@ def main(argv: list[str] | None = None) -> None:
             rows = [r for r in kept["rows"] if r["benchmark"] not in args.sections] + rows
             rows.sort(key=lambda r: SECTIONS.index(r["benchmark"]))
             settings = {**kept["settings"], **{s: settings[s] for s in args.sections}}
+    memory = "freed memory reused" if reuse else "freed memory unmapped (page faults)"
     print(f"\nspeed and memory, {cpu_name()}, {os.cpu_count()} CPU(s), {args.threads} thread(s); "
-          "ms = minimum over repeats; x peer = ms / peer ms\n")
+          f"ms = minimum over repeats; x peer = ms / peer ms; {memory}\n")
     print_table(rows, COLUMNS)
     sections = sorted({r["benchmark"] for r in rows}, key=SECTIONS.index)
     path = write_json("benchmarks", rows, quick=args.quick, cpu=cpu_name(),
-                      cpus=os.cpu_count(), settings={s: settings[s] for s in sections})
+                      cpus=os.cpu_count(), settings={s: settings[s] for s in sections},
+                      reuse_freed_memory=reuse)
     print("wrote", path, "and", plot_ratios(rows, timing.RESULTS_DIR / "speed_ratios.png"))
 
 

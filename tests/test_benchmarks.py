@@ -83,6 +83,9 @@ def test_speed_quick_collects_every_section(tmp_path):
     payload = json.loads((tmp_path / "benchmarks.json").read_text())
     rows = payload["rows"]
     assert {r["benchmark"] for r in rows} == {"quantize", "linear", "optim", "train_step"}
+    # As benchmarks.quantize: glibc keeps freed memory, and both JSONs say so.
+    assert payload["reuse_freed_memory"] is True
+    assert json.loads((tmp_path / "quantize.json").read_text())["reuse_freed_memory"] is True
     assert all(r["ms"] > 0 for r in rows)
     train = {r["case"]: r for r in rows if r["benchmark"] == "train_step"}
     assert set(train) == set(QUICK_CONFIGS)
