@@ -78,6 +78,7 @@ def _tensor_amax_floor(fmt: Format) -> float:
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """What ``quantize`` accepts: the dtypes it widens to fp32 exactly (float8 would need a cast)."""
 
+_F32_SIGN_MASK = -0x80000000
 _F32_EXP_MASK = 0x7F800000
 _F32_MANT_MASK = 0x007FFFFF
 _F32_MANT_BITS = 23
@@ -376,9 +377,12 @@ def _quantize_blocks_in_slices(
         values = out if out.dtype == torch.float32 else scratch.take("values", out)
         if piece.dtype != torch.float32:
             piece = values.copy_(piece)  # widened once (exact); the cast passes are slow
-        magnitude = torch.abs(piece, out=scratch.take("quantum", piece))
+        # |x| as the bits with the sign masked off, reduced as integers: their order is the
+        # magnitudes' (NaN's bits above inf's), and an integer max is half a float max's time.
+        magnitude = torch.bitwise_and(piece.view(torch.int32), ~_F32_SIGN_MASK,
+                                      out=scratch.take("quantum", piece).view(torch.int32))
         inverse, scale, finite = _block_scales(
-            magnitude.amax(2, keepdim=True), fmt, scale_rule, dtype)
+            magnitude.amax(2, keepdim=True).view(torch.float32), fmt, scale_rule, dtype)
         torch.mul(piece, inverse, out=values)
         _round_elements_(values, fmt, rounding, generator, scratch)
         values.mul_(scale)
@@ -460,8 +464,11 @@ def _round_elements_(
         quantum.view(torch.int32).bitwise_and_(_F32_EXP_MASK)
         quantum.mul_(2.0**-fmt.mbits)
     if rounding == "even":
-        # Ties-to-even is symmetric in sign, and round(-0.3) is -0.0: v keeps its sign.
-        v.div_(quantum).round_()
+        # Ties-to-even is symmetric in sign, and round(-0.3) is -0.0: v keeps its sign. A
+        # fixed quantum (MXINT8) is a product by its inverse, a power of two: exact, and a
+        # scalar division costs twice a product here.
+        v.div_(quantum) if isinstance(quantum, Tensor) else v.mul_(1 / quantum)
+        v.round_()
     else:
         # The quantum carries v's sign, so v / quantum is a magnitude for the floor-based modes
         # below; multiplying back restores the sign, also of values that round to zero.
