@@ -442,9 +442,10 @@ def test_compiled_noise_and_step_match_eager(weight_decay):
             torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("offset", [0, 12345, 2**31 + 7])  # a shard's start
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0, 12345, 2**30 - 5000, 2**31 + 7])  # a shard's start
 @pytest.mark.parametrize("noise", ["irwin_hall", "box_muller"])
-def test_eager_sample_in_chunks_equals_the_whole_tensor_bitwise(noise, offset):
+def test_eager_sample_in_chunks_equals_the_whole_tensor_bitwise(noise, offset, dtype):
     from lightning_lowprec.optim import lmd
 
     n = 3 * lmd._EAGER_CHUNK + 1234
@@ -452,10 +453,34 @@ def test_eager_sample_in_chunks_equals_the_whole_tensor_bitwise(noise, offset):
     lp, ln = torch.randn(n, generator=g) - 3, torch.randn(n, generator=g) - 3
     words = counter_rng.derive_keys(0, 1, 2, 3)
     keys = torch.tensor(words, dtype=torch.int32)
-    whole, chunked = torch.empty(n), torch.empty(n)
+    whole, chunked = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
     lmd._sample_tensor(whole, lp, ln, keys, 0.05, noise, torch.tensor(offset))
     lmd._sample_chunked(chunked, lp, ln, keys, 0.05, noise, offset)
     assert torch.equal(whole, chunked)
+
+
+@pytest.mark.parametrize("offset", [0, 7, 2**30 - 4099, 2**30, 2**31 + 7, 2**40 + 5])
+def test_irwin_hall_pair_into_buffers_equals_normal_pair_bitwise(offset):
+    """The eager sample's in-place noise (issue 15) draws ``normal_pair``'s values, also past
+    ``2**30`` (index high part folded into the key) and into reused, dirty buffers."""
+    keys = torch.tensor(counter_rng.derive_keys(3, 1, 4), dtype=torch.int32)
+    out = torch.full((2, 4099), float("nan"))
+    work = torch.full((2, 4099), -1, dtype=torch.int32)
+    for n in (4099, 100):
+        expected = torch.stack(counter_rng.normal_pair(n, keys, "irwin_hall", offset))
+        got = counter_rng.irwin_hall_pair_(out[:, :n], keys, offset, work[:, :n])
+        assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="cross a multiple of 2\\*\\*30"):
+        counter_rng.irwin_hall_pair_(out, keys, 2**30 - 10, work)
+
+
+def test_irwin_hall_sum_of_bytes_matches_a_direct_count():
+    """``_irwin_hall``'s lane arithmetic against the four bytes added one by one."""
+    x = torch.randint(-(2**31), 2**31 - 1, (100_000,), dtype=torch.int32)
+    x[:4] = torch.tensor([0, -1, 2**31 - 1, -(2**31)], dtype=torch.int32)
+    total = sum((x.long() >> (8 * k)) & 0xFF for k in range(4))
+    expected = (total.double() - 510) / math.sqrt(4 * (256**2 - 1) / 12)
+    torch.testing.assert_close(counter_rng._irwin_hall(x).double(), expected, rtol=0, atol=1e-6)
 
 
 # -- writes to the parameters (issue 20) ----------------------------------------------------

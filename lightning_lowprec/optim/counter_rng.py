@@ -35,7 +35,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["NOISE_KINDS", "derive_keys", "fold_high", "hash32", "normal_pair", "random_words"]
+__all__ = [
+    "NOISE_KINDS", "derive_keys", "fold_high", "hash32", "irwin_hall_pair_", "normal_pair",
+    "random_words",
+]
 
 NoiseKind = Literal["irwin_hall", "box_muller"]
 NOISE_KINDS: tuple[str, ...] = ("irwin_hall", "box_muller")
@@ -91,6 +94,16 @@ def hash32(x: Tensor) -> Tensor:
     return x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF))
 
 
+def _hash32_(x: Tensor, tmp: Tensor) -> Tensor:
+    """:func:`hash32` of ``x`` in place, with ``tmp`` (int32, ``x``'s shape) as its scratch:
+    the same eleven passes, no new tensor."""
+    for shift, mask, mul in ((16, 0xFFFF, _MUL1), (15, 0x1FFFF, _MUL2), (16, 0xFFFF, None)):
+        x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=tmp).bitwise_and_(mask))
+        if mul is not None:
+            x.mul_(_signed32(mul))
+    return x
+
+
 def random_words(
     numel: int, keys: Tensor, streams: int = 1, offset: int | Tensor | None = None
 ) -> list[Tensor]:
@@ -142,10 +155,40 @@ def fold_high(keys: list[int], offset: int, numel: int) -> tuple[list[int], int]
 
 
 def _irwin_hall(x: Tensor) -> Tensor:
-    """The standardised sum of the four bytes of ``x``, added pairwise in 16-bit lanes."""
+    """The standardised sum of the four bytes of ``x``, added pairwise in 16-bit lanes (``x``
+is not modified)."""
     pairs = (x & 0x00FF00FF).add_((x >> 8).bitwise_and_(0x00FF00FF))
-    total = (pairs & 0xFFFF).add_((pairs >> 16).bitwise_and_(0xFFFF))
+    # The two lanes added in the high half by one multiply (see irwin_hall_pair_).
+    total = pairs.mul_(0x10001).bitwise_right_shift_(16)
     return total.to(torch.float32).sub_(_IRWIN_HALL_MEAN).mul_(1.0 / _IRWIN_HALL_STD)
+
+
+def irwin_hall_pair_(out: Tensor, keys: Tensor, offset: int, work: Tensor) -> Tensor:
+    """``torch.stack(normal_pair(n, keys, "irwin_hall", offset))``, bit for bit, written into
+    ``out`` (float32, shape ``(2, n)``) with ``work`` (int32, the same shape) as scratch, and
+    returned: the eager sample's noise without a new tensor per pass (on CPU a fresh
+    temporary costs about as much as a pass over it) and with both streams in one pass each.
+
+    ``offset .. offset + n - 1`` must not cross a multiple of ``2**30`` (the index's high part
+    is then one key, hashed once as :func:`fold_high` does); ``offset`` is a Python int.
+    """
+    n = out.shape[1]
+    high, low = offset >> _LOW_BITS, offset & ((1 << _LOW_BITS) - 1)
+    if low + n > 1 << _LOW_BITS:
+        raise ValueError(f"elements {offset}..{offset + n - 1} cross a multiple of 2**30")
+    # Words: y = H(index ^ H(high + k0)), then x_s = H(y ^ k_s) for both streams at once.
+    y, words = work[0], out.view(torch.int32)
+    torch.arange(low, low + n, dtype=torch.int32, device=out.device, out=y)
+    y.bitwise_xor_(hash32(keys[:1] + _signed32(high & _MASK32)))
+    _hash32_(y, work[1])
+    torch.bitwise_xor(y, keys[1:3, None], out=words)
+    _hash32_(words, work)
+    # Irwin-Hall: byte pairs in 16-bit lanes, then the lanes added into the high half by one
+    # multiply (the sum, <= 1020, never reaches the sign bit), minus the mean, exactly, in
+    # int32; the conversion to float32 writes over the words in place (a same-size copy).
+    odd = torch.bitwise_right_shift(words, 8, out=work).bitwise_and_(0x00FF00FF)
+    total = words.bitwise_and_(0x00FF00FF).add_(odd).mul_(0x10001).bitwise_right_shift_(16)
+    return out.copy_(total.sub_(int(_IRWIN_HALL_MEAN))).mul_(1.0 / _IRWIN_HALL_STD)
 
 
 def normal_pair(
