@@ -12,9 +12,10 @@ rounds that alternate with a fused AdamW step on its own copy of the parameters,
 ``step_x_fused`` divides the two minima of that same window (``fused_ms``); ``step_x_foreach``
 is against the ``AdamW foreach`` row. For LMD, "step" is ``optimizer.step()``
 and "sample+step" is what training with noise pays per step (without accumulation): the
-``sample_()`` before the forward, the ``restore_()`` after the backward and ``step()``. ``peak_step_bytes_per_param`` is the most temporary
-memory one step holds at once (:func:`benchmarks.memory.peak_extra_bytes`, after the timed
-steps, so no state is created in it), per parameter.
+``sample_()`` before the forward, the ``restore_()`` after the backward and ``step()``.
+``peak_step_bytes_per_param`` is the most temporary memory one step holds at once
+(:func:`benchmarks.memory.peak_extra_bytes`, after the timed steps, so no state is created in
+it), per parameter.
 
 Run: ``OMP_NUM_THREADS=1 python -m benchmarks.optim [--threads 1] [--device cuda]``.
 Prints a table and writes ``benchmarks/results/optim.json``.

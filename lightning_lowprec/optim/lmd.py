@@ -491,7 +491,10 @@ class LMD(LowPrecisionOptimizer):
 
     **Memory** (fp32 state regardless of the parameter dtype): log-medians ``l+``, ``l-`` and
     one momentum, 12 bytes per parameter, i.e. AdamW's 8 plus one parameter-sized tensor;
-    ``separate_momentum=True`` adds another 4.
+    ``separate_momentum=True`` adds another 4. Sampled under gradient accumulation, each
+    sampled tensor also gets a spare buffer of its own dtype (4 bytes per fp32 parameter, not
+    part of ``state_dict``) from its first redraw within a step, so that the sample is drawn
+    once per optimizer step (:mod:`~lightning_lowprec.optim.spare`).
 
     **Non-finite gradients** skip that parameter's update (weights, medians, momentum and step
     count untouched) and count in ``optimizer.skipped_steps``.
@@ -709,13 +712,14 @@ class LMD(LowPrecisionOptimizer):
         it at the first redraw within a step and stash the point estimate ``p`` holds, when
         that is exactly LMD's. Returns whether the sample is in place."""
         spare = self._spares.get(p)
-        if spare is not None and spare.holds == "sample":
+        exact = self._exact.get(p) == shard._version  # a shard's writes are not adopted
+        if spare is not None and spare.holds == "sample" and exact:
             spare.swap_(shard)
             return True
         if spare is None and p in self._drawn_params:
             spare = self._spares[p] = Spare(shard)
         if spare is not None:
-            if self._exact.get(p) == shard._version:
+            if exact:
                 spare.stash_(shard, "point")
             else:
                 spare.holds = None
