@@ -619,7 +619,7 @@ class LMD(LowPrecisionOptimizer):
             raise ValueError(f"draw must be None or an integer >= 0, got {draw!r}.")
         if self._sampled is not None and self._sampled_draw == draw:
             return
-        start, fast = time.perf_counter(), False
+        began, fast = time.perf_counter(), False
         sampled = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -667,7 +667,7 @@ class LMD(LowPrecisionOptimizer):
                         self._spares[p].version = shard._version
         self._sampled, self._sampled_draw = sampled, draw
         if fast:
-            self._report_compile("sample", start)
+            self._report_compile("sample", began)
         if draw is None:
             self._drawn = True
 
