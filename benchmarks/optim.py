@@ -11,10 +11,11 @@ memory-bound step drifts by 2x within minutes, so every candidate is timed in ``
 rounds that alternate with a fused AdamW step on its own copy of the parameters, and its
 ``step_x_fused`` divides the two minima of that same window (``fused_ms``); ``step_x_foreach``
 is against the ``AdamW foreach`` row. For LMD, "step" is ``optimizer.step()``
-and "sample+step" adds the ``sample_()`` that precedes every forward pass when training with
-noise: the per-iteration optimizer cost. ``peak_step_bytes_per_param`` is the most temporary
-memory one step holds at once (:func:`benchmarks.memory.peak_extra_bytes`, after the timed
-steps, so no state is created in it), per parameter.
+and "sample+step" is what training with noise pays per step (without accumulation): the
+``sample_()`` before the forward, the ``restore_()`` after the backward and ``step()``.
+``peak_step_bytes_per_param`` is the most temporary memory one step holds at once
+(:func:`benchmarks.memory.peak_extra_bytes`, after the timed steps, so no state is created in
+it), per parameter.
 
 Run: ``OMP_NUM_THREADS=1 python -m benchmarks.optim [--threads 1] [--device cuda]``.
 Prints a table and writes ``benchmarks/results/optim.json``.
@@ -152,6 +153,7 @@ def main() -> None:
         if isinstance(opt, LMD):
             def sample_and_step(opt=opt):
                 opt.sample_()
+                opt.restore_()  # the plugin restores after each backward
                 opt.step()
             sample_ms, fused_ms = alternating(sample_and_step, peer.step, device, args.warmup,
                                               args.repeats, args.rounds)

@@ -18,14 +18,22 @@ also minus the RSS after imports: what the model, optimizer and steps added) and
 one forward saves for its backward beyond the parameters (``saved_bytes``: exact, where the
 RSS of so small a model is noisy).
 
-Where the time goes (``phase_times``, each the minimum over ``--repeat`` further steps): the
-forward with the loss (for sampled LMD it includes drawing the sample, which the plugin does
-before the forward), the backward (with restoring the point estimate after it), the optimizer
-step with ``zero_grad``, and, inside forward and backward, the time spent in the MX quantizer
-(every call of ``lightning_lowprec.nn``'s ``quantize``, timed around the call); for LMD,
-``sample+restore`` times the optimizer's ``sample_()`` + ``restore_()`` pair on its own.
+Where the time goes (``phase_times``, each the minimum over ``--repeat`` further steps, summed
+over the micro-batches of one optimizer step): the forwards with the loss (for sampled LMD
+they include drawing the sample, which the plugin does before each forward), the backwards
+(with restoring the point estimate after each), the optimizer step with ``zero_grad``, and,
+inside those, the time spent in the MX quantizer (every call of ``lightning_lowprec.nn``'s
+``quantize``), in LMD's ``sample_()`` and in its ``restore_()`` (each timed around the call,
+as the plugin makes it); for LMD, ``sample+restore`` times the pair on its own, repeated
+within one step (so, from the second pair on, the spare buffers' swaps).
 
-Run: ``OMP_NUM_THREADS=1 python -m benchmarks.train_step [--batch-size 4] [--seq-len 128]``.
+``--micro-batches N`` accumulates gradients over ``N`` micro-batches per optimizer step
+(``fabric.no_backward_sync``, the loss divided by ``N``), each of ``--batch-size`` sequences;
+``--old-schedule`` makes LMD recompute the sample and the point estimate at every
+micro-batch, as before its spare buffers (to compare the two in one run).
+
+Run: ``OMP_NUM_THREADS=1 python -m benchmarks.train_step [--batch-size 4] [--seq-len 128]
+[--micro-batches 1]``.
 Prints a table; writes ``benchmarks/results/train_step.json``.
 """
 
@@ -132,49 +140,73 @@ def saved_bytes(model: torch.nn.Module) -> Iterator[list[int]]:
     total[0] = sum(seen.values())
 
 
+def _timing(spent: dict[str, float], key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, adding the seconds each call takes to ``spent[key]``."""
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[key] += time.perf_counter() - start
+
+    return timed
+
+
 def phase_times(
-    forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None],
-    step: Callable[[], None], repeat: int,
+    forward: Callable[[int], torch.Tensor], backward: Callable[[int, torch.Tensor], None],
+    step: Callable[[], None], repeat: int, micro_batches: int = 1,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, float]:
-    """Milliseconds of each phase of a train step (minimum over ``repeat`` steps each).
+    """Milliseconds of each phase of a train step (minimum over ``repeat`` steps each), the
+    forwards and backwards summed over ``micro_batches`` (``forward(i)``, ``backward(i, loss)``).
 
     The quantizer's share is timed by wrapping the ``quantize`` that ``lightning_lowprec.nn``
     calls (eager layers; a compiled module would not call it), so it counts every operand the
-    forward and a quantized backward quantize, and nothing else.
+    forward and a quantized backward quantize, and nothing else; ``sample_`` and ``restore_``
+    of a posterior ``optimizer`` are timed likewise (an instance attribute over the method,
+    which the plugin calls through the instance).
     """
     from lightning_lowprec import nn as lowprec_nn
 
     original = lowprec_nn.quantize
-    spent = [0.0]
-
-    def timed(*args: Any, **kwargs: Any) -> torch.Tensor:
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            spent[0] += time.perf_counter() - start
-
+    spent = {"quantize ms": 0.0, "sample ms": 0.0, "restore ms": 0.0}
+    posterior = optimizer is not None and hasattr(optimizer, "sample_")
     phases: dict[str, list[float]] = {"fwd ms": [], "bwd ms": [], "step ms": [],
-                                      "quantize ms": []}
-    lowprec_nn.quantize = timed
+                                      **{key: [] for key in spent}}
+    lowprec_nn.quantize = _timing(spent, "quantize ms", original)
+    if posterior:
+        optimizer.sample_ = _timing(spent, "sample ms", optimizer.sample_)
+        optimizer.restore_ = _timing(spent, "restore ms", optimizer.restore_)
     try:
         for _ in range(repeat):
-            spent[0] = 0.0
-            t0 = time.perf_counter()
-            loss = forward()
-            t1 = time.perf_counter()
-            backward(loss)
+            spent.update(dict.fromkeys(spent, 0.0))
+            fwd = bwd = 0.0
+            for i in range(micro_batches):
+                t0 = time.perf_counter()
+                loss = forward(i)
+                t1 = time.perf_counter()
+                backward(i, loss)
+                fwd, bwd = fwd + t1 - t0, bwd + time.perf_counter() - t1
             t2 = time.perf_counter()
             step()
-            t3 = time.perf_counter()
-            for key, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, spent[0]), strict=True):
+            for key, seconds in (("fwd ms", fwd), ("bwd ms", bwd),
+                                 ("step ms", time.perf_counter() - t2), *spent.items()):
                 phases[key].append(seconds)
     finally:
         lowprec_nn.quantize = original
-    return {key: min(values) * 1e3 for key, values in phases.items()}
+        if posterior:
+            del optimizer.sample_, optimizer.restore_
+    times = {key: min(values) * 1e3 for key, values in phases.items()}
+    if not posterior:
+        del times["sample ms"], times["restore ms"]
+    return times
 
 
-def measure(name: str, batch_size: int, seq_len: int, warmup: int, repeat: int) -> dict:
+def measure(
+    name: str, batch_size: int, seq_len: int, warmup: int, repeat: int, micro_batches: int = 1,
+    old_schedule: bool = False,
+) -> dict:
     """Time one configuration in this process; return its row (no ratios yet)."""
     import lightning as L
     import torch.nn.functional as F
@@ -184,6 +216,10 @@ def measure(name: str, batch_size: int, seq_len: int, warmup: int, repeat: int) 
     from lightning_lowprec import LowPrecision
 
     rss_after_imports = peak_rss_bytes()
+    if old_schedule:
+        from lightning_lowprec.optim.lmd import LMD
+
+        LMD._sample_from_spare = lambda self, p, shard: False  # this process only
     config = CONFIGS[name]
     if config.plugin is None:
         fabric = L.Fabric(accelerator="cpu", devices=1, precision=config.precision)
@@ -195,21 +231,28 @@ def measure(name: str, batch_size: int, seq_len: int, warmup: int, repeat: int) 
     parameters = sum(p.numel() for p in gpt.parameters())
     optimizer = build_optimizer(config.optimizer, gpt)
     model, optimizer = fabric.setup(gpt, optimizer)
-    tokens = torch.randint(0, 4096, (batch_size, seq_len + 1),
+    tokens = torch.randint(0, 4096, (micro_batches, batch_size, seq_len + 1),
                            generator=torch.Generator().manual_seed(0))
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    inputs, targets = tokens[0, :, :-1], tokens[0, :, 1:]  # saved_bytes' one micro-batch
+
+    def forward(i: int) -> torch.Tensor:
+        x, y = tokens[i, :, :-1], tokens[i, :, 1:]
+        return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()) / micro_batches
+
+    def backward(i: int, loss: torch.Tensor) -> None:
+        with fabric.no_backward_sync(model, enabled=i < micro_batches - 1):
+            fabric.backward(loss)
 
     def step() -> None:
-        loss = F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten())
-        fabric.backward(loss)
+        for i in range(micro_batches):
+            backward(i, forward(i))
         optimizer.step()
         optimizer.zero_grad()
 
     ms = best_time(step, repeat=repeat, warmup=warmup)
-    phases = phase_times(
-        lambda: F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten()),
-        fabric.backward, lambda: (optimizer.step(), optimizer.zero_grad()), repeat)
     inner = optimizer.optimizer
+    phases = phase_times(forward, backward, lambda: (optimizer.step(), optimizer.zero_grad()),
+                         repeat, micro_batches, inner)
     if hasattr(inner, "sample_"):
         phases["sample+restore ms"] = best_time(lambda: (inner.sample_(), inner.restore_()),
                                                 repeat=repeat, warmup=1)
@@ -220,7 +263,7 @@ def measure(name: str, batch_size: int, seq_len: int, warmup: int, repeat: int) 
     fabric.backward(loss)
     optimizer.zero_grad()
     return {
-        "config": name,
+        "config": name + (" (old schedule)" if old_schedule else ""),
         "ms/step": ms,
         **phases,
         "tokens/s": batch_size * seq_len / (ms / 1e3),
@@ -233,20 +276,30 @@ def measure(name: str, batch_size: int, seq_len: int, warmup: int, repeat: int) 
     }
 
 
-def run(names: list[str], batch_size: int, seq_len: int, warmup: int, repeat: int) -> list[dict]:
-    """Measure each configuration in a fresh subprocess; add the ratios to the peers."""
+def run(
+    names: list[str], batch_size: int, seq_len: int, warmup: int, repeat: int,
+    micro_batches: int = 1, old_schedule: bool = False,
+) -> list[dict]:
+    """Measure each configuration in a fresh subprocess; add the ratios to the peers.
+    ``old_schedule``: each LMD configuration also as before the spare buffers, right after
+    the new one (the pair alternates on a loaded machine)."""
     rows = []
-    for name in names:
+    runs = [(name, False) for name in names]
+    if old_schedule:
+        runs = [r for name in names for r in ((name, False), (name, True))
+                if not r[1] or CONFIGS[name].optimizer.startswith("lmd")]
+    for name, old in runs:
         cmd = [sys.executable, "-m", "benchmarks.train_step", "--child", name,
                "--batch-size", str(batch_size), "--seq-len", str(seq_len),
-               "--warmup", str(warmup), "--repeat", str(repeat)]
+               "--warmup", str(warmup), "--repeat", str(repeat),
+               "--micro-batches", str(micro_batches), *(["--old-schedule"] if old else [])]
         env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
                "PYTHONWARNINGS": "ignore"}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if done.returncode:
             raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"  measured {name}: {rows[-1]['ms/step']:.1f} ms/step", flush=True)
+        print(f"  measured {rows[-1]['config']}: {rows[-1]['ms/step']:.1f} ms/step", flush=True)
     by_name = {r["config"]: r for r in rows}
     for row in rows:
         for peer, key in ((PEER, "x peer"), (FP32_PEER, "x fp32 AdamW")):
@@ -257,7 +310,7 @@ def run(names: list[str], batch_size: int, seq_len: int, warmup: int, repeat: in
 COLUMNS = ["config", "ms/step", "tokens/s", "x peer", "x fp32 AdamW", "state B/param",
            "peak RSS MB", "RSS over imports MB", "saved for backward MB"]
 PHASE_COLUMNS = ["config", "ms/step", "fwd ms", "bwd ms", "step ms", "quantize ms",
-                 "sample+restore ms"]
+                 "sample ms", "restore ms", "sample+restore ms"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -266,21 +319,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (state, compile)")
     parser.add_argument("--repeat", type=int, default=5, help="timed steps (min is kept)")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="gradient-accumulation micro-batches per optimizer step")
+    parser.add_argument("--old-schedule", action="store_true",
+                        help="also run LMD rows with the sample recomputed per micro-batch")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.micro_batches < 1:
+        parser.error(f"--micro-batches must be >= 1, got {args.micro_batches}")
     if args.child:  # one configuration, measured in this process: print its row as JSON
-        row = measure(args.child, args.batch_size, args.seq_len, args.warmup, args.repeat)
+        row = measure(args.child, args.batch_size, args.seq_len, args.warmup, args.repeat,
+                      args.micro_batches, args.old_schedule)
         print(json.dumps(row))
         return
-    rows = run(args.configs, args.batch_size, args.seq_len, args.warmup, args.repeat)
+    rows = run(args.configs, args.batch_size, args.seq_len, args.warmup, args.repeat,
+               args.micro_batches, args.old_schedule)
     print(f"\nLitGPT train step (pythia-14m shape, vocab 4096, {rows[0]['parameters'] / 1e6:.1f}M "
-          f"parameters), batch {args.batch_size}x{args.seq_len}, cpu, "
+          f"parameters), {args.micro_batches} micro-batch(es) of "
+          f"{args.batch_size}x{args.seq_len}, cpu, "
           f"{torch.get_num_threads()} thread(s), min of {args.repeat} steps; peer: {PEER}")
     print_table(rows, COLUMNS)
     print("\nWhere the time goes (ms, minimum per phase; quantize is inside fwd and bwd):")
     print_table([{c: r.get(c) for c in PHASE_COLUMNS} for r in rows], PHASE_COLUMNS)
     path = write_json("train_step", rows, batch_size=args.batch_size, seq_len=args.seq_len,
+                      micro_batches=args.micro_batches,
                       warmup=args.warmup, repeat=args.repeat, peer=PEER)
     print("wrote", path)
 

@@ -62,3 +62,48 @@ def rank_main(rank: int, kinds: list[str]) -> None:
 @pytest.mark.slow  # ~20 s: two processes, 4 optimizers x 2 strategies x 10 steps
 def test_fsdp2_equals_ddp_for_every_optimizer(tmp_path):
     spawn(rank_main, tmp_path, ["adamw", "lmd", "mplus", "madam"])
+
+
+def train_accumulating(rank: int, strategy: str, micro: int = 3, steps: int = 3) -> tuple:
+    """LMD (sampled, MXFP6) with ``micro`` micro-batches per step under ``no_backward_sync``;
+    returns the full weights and how many spare buffers LMD allocated."""
+    import lightning as L
+    from conftest import make_gpt
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    from lightning_lowprec import LMD, LowPrecision, fully_shard_blocks
+
+    s = (ModelParallelStrategy(fully_shard_blocks, data_parallel_size=2, tensor_parallel_size=1)
+         if strategy == "fsdp" else "ddp")
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=s,
+                      plugins=[LowPrecision("mxfp6_e2m3")])
+    fabric.launch()
+    model = fabric.setup_module(make_gpt(0))
+    opt = fabric.setup_optimizers(LMD(model.parameters(), seed=1, sigma=0.1))
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        for i in range(micro):
+            x = torch.randint(0, 4096, (4, 17), generator=gen)[2 * rank: 2 * rank + 2]
+            with fabric.no_backward_sync(model, enabled=i < micro - 1):
+                logits = model(x[:, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                                         x[:, 1:].flatten())
+                fabric.backward(loss / micro)
+        opt.step()
+        opt.zero_grad()
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+               for k, v in model.state_dict().items()}
+    return weights, len(opt.optimizer._spares)
+
+
+def rank_main_accumulating(rank: int) -> None:
+    (sharded, spares), (ddp, ddp_spares) = train_accumulating(rank, "fsdp"), \
+        train_accumulating(rank, "ddp")
+    assert spares == ddp_spares > 0  # the shards' samples were swapped, not redrawn
+    for key, value in ddp.items():
+        assert torch.equal(sharded[key], value), key
+
+
+@pytest.mark.slow  # ~15 s: two processes, 2 strategies x 3 steps x 3 micro-batches
+def test_fsdp2_accumulation_with_spare_buffers_equals_ddp(tmp_path):
+    spawn(rank_main_accumulating, tmp_path)

@@ -547,3 +547,19 @@ def test_own_writes_and_resume_do_not_rederive_the_medians():
     assert torch.equal(layer.weight, fresh.weight)
     lp, ln = log_medians(opt, layer.weight)  # u+ != u-: not the from_weights pair m+ m- = m0^2
     assert (lp + ln - 2 * opt.state[layer.weight]["log_m_ref"]).abs().max() > 1e-3
+
+
+def test_the_first_compiled_sample_logs_its_own_duration(caplog):
+    """The log names the seconds since ``sample_`` began (it used the last tensor's element
+    offset as the start time, so it logged the clock's reading instead)."""
+    import logging
+    import re
+    import time
+
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    opt = LMD([p], seed=0, compiled=True)
+    began = time.perf_counter()
+    with caplog.at_level(logging.INFO):
+        opt.sample_()
+    took = float(re.search(r"first compiled sample took ([0-9.]+) s", caplog.text).group(1))
+    assert took <= time.perf_counter() - began + 0.1

@@ -596,3 +596,187 @@ def test_settings_without_a_format_and_the_sample_switch(cls):
         cls(include="attn")
     with pytest.raises(ValueError, match="No number format given"):
         cls(w_fmt=FMT)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient accumulation: one sample per optimizer step (LMD's spare buffers)
+# --------------------------------------------------------------------------------------------
+
+
+def old_schedule(monkeypatch) -> None:
+    """Every micro-batch recomputes the sample and the point estimate (LMD without spares)."""
+    from lightning_lowprec.optim.lmd import LMD as Cls
+
+    monkeypatch.setattr(Cls, "_sample_from_spare", lambda self, p, shard: False)
+
+
+def count_kernels(monkeypatch) -> dict[str, int]:
+    """Count the eager sample and point-estimate kernel calls (one per tensor and call)."""
+    from lightning_lowprec.optim import lmd
+
+    counts = {"sample": 0, "point": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(lmd, "_sample_chunked", counting("sample", lmd._sample_chunked))
+    monkeypatch.setattr(lmd, "_point_estimate_tensor",
+                        counting("point", lmd._point_estimate_tensor))
+    return counts
+
+
+class SeenModule(LMDModule):
+    """Records the weights at every training_step and every on_after_backward."""
+
+    def __init__(self, compiled="auto") -> None:
+        super().__init__()
+        self.compiled = compiled
+        self.after_backward: list[dict[str, Tensor]] = []
+
+    def configure_optimizers(self):
+        return LMD(self.parameters(), seed=self.lmd_seed, compiled=self.compiled)
+
+    def on_after_backward(self):
+        self.after_backward.append(snapshot(self.gpt))
+
+
+def trainer_run(loader, compiled="auto") -> SeenModule:
+    module = SeenModule(compiled)
+    L.Trainer(**trainer_kwargs(max_steps=2, accumulate_grad_batches=3,
+                               plugins=[LowPrecisionPlugin(FMT)])).fit(module, loader)
+    return module
+
+
+def assert_same_run(new: SeenModule, old: SeenModule) -> None:
+    assert new.losses == old.losses
+    assert len(new.seen) == len(old.seen) == 6
+    for a, b in zip(new.seen, old.seen, strict=True):
+        assert_same_weights(a["weights"], b["weights"])
+    for a, b in zip(new.after_backward, old.after_backward, strict=True):
+        assert_same_weights(a, b)
+    assert_same_weights(snapshot(new.gpt), snapshot(old.gpt))
+
+
+@pytest.mark.parametrize("compiled", ["auto", False])
+def test_trainer_accumulation_draws_once_per_step_bitwise_as_before(
+    compiled, loader, monkeypatch
+):
+    new = trainer_run(loader, compiled)
+    assert_sampled_per_step(new, micro_batches=3)
+    with monkeypatch.context() as m:
+        old_schedule(m)
+        old = trainer_run(loader, compiled)
+    assert_same_run(new, old)
+    opt = new.trainer.optimizers[0]
+    assert_at_rest(opt)
+    for p in sampled_params(opt):  # one spare per sampled tensor, of its dtype and shape
+        assert opt._spares[p].buffer.shape == p.shape
+
+
+def test_trainer_accumulation_costs_one_sample_per_step(loader, monkeypatch):
+    counts = count_kernels(monkeypatch)
+    module = trainer_run(loader, compiled=False)
+    n = len(sampled_params(module.trainer.optimizers[0]))
+    # Step 1: the first micro-batch draws and restores; the second redraws once (allocating
+    # the spares); step 2 draws once; every other switch is a swap. The old schedule:
+    # 6 samples and 6 point estimates per tensor.
+    assert counts == {"sample": 3 * n, "point": n}
+
+
+def test_without_accumulation_no_spare_is_allocated(loader):
+    module = SeenModule(compiled=False)
+    L.Trainer(**trainer_kwargs(max_steps=3, plugins=[LowPrecisionPlugin(FMT)])).fit(
+        module, loader)
+    assert module.trainer.optimizers[0]._spares == {}
+
+
+def fabric_accumulate(
+    tokens: Tensor, between=None, steps: int = 2, micro: int = 3
+) -> tuple[list[float], list[dict[str, Tensor]], dict[str, Tensor]]:
+    """Fabric with ``no_backward_sync`` and ``micro`` micro-batches per step; ``between(model,
+    opt)`` runs after each micro-batch's backward but the last. Returns the losses, the
+    weights at every forward and the final weights."""
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[LowPrecision(FMT)])
+    gpt = make_gpt(seed=0)
+    model, opt = fabric.setup(gpt, LMD(gpt.parameters(), seed=7, compiled=False))
+    batches = list(DataLoader(TokenWindows(tokens, 64), batch_size=8))
+    losses, seen = [], []
+    for step in range(steps):
+        for i, (inputs, targets) in enumerate(batches[micro * step: micro * step + micro]):
+            last = i == micro - 1
+            with fabric.no_backward_sync(model, enabled=not last):
+                logits = model(inputs)
+                assert opt.holds_sample
+                seen.append({n: p.detach().clone() for n, p in gpt.named_parameters()})
+                loss = cross_entropy(logits, targets)
+                fabric.backward(loss / micro)
+            assert_at_rest(opt)
+            losses.append(loss.item())
+            if between is not None and not last:
+                between(model, opt)
+        opt.step()
+        opt.zero_grad()
+    return losses, seen, snapshot(gpt)
+
+
+def _write(model, opt):
+    with torch.no_grad():
+        model.transformer.h[0].attn.qkv.weight.mul_(0.5)
+
+
+def _predict(model, opt):
+    opt = opt.optimizer  # Fabric's wrapper would record the draw on itself
+    opt.sample_(draw=1)
+    opt.restore_()
+
+
+def _state_dict(model, opt):
+    model.state_dict()
+
+
+@pytest.mark.parametrize("between", [None, _write, _predict, _state_dict],
+                         ids=["plain", "user_write", "predictive_draw", "state_dict"])
+def test_fabric_accumulation_is_bitwise_as_before_whatever_runs_between(
+    between, tokens, monkeypatch
+):
+    new = fabric_accumulate(tokens, between)
+    with monkeypatch.context() as m:
+        old_schedule(m)
+        old = fabric_accumulate(tokens, between)
+    assert new[0] == old[0]
+    for a, b in zip(new[1], old[1], strict=True):
+        assert_same_weights(a, b)
+    assert_same_weights(new[2], old[2])
+    if between is _write:  # the write was adopted: the next sample follows the new medians
+        qkv = "transformer.h.0.attn.qkv.weight"
+        assert not torch.equal(new[1][1][qkv], new[1][0][qkv])
+
+
+def test_fabric_accumulation_costs_one_sample_per_step(tokens, monkeypatch):
+    counts = count_kernels(monkeypatch)
+    fabric_accumulate(tokens)
+    n = 8 + 2  # the 2-layer GPT's matrices (4 per block) and the embedding and head
+    assert counts == {"sample": 3 * n, "point": n}
+
+
+def test_a_write_to_the_sample_is_not_kept_for_the_next_micro_batch(tokens, monkeypatch):
+    """A write into the parameters while they hold the sample (inside the step) is not
+    swapped into the spare: the next micro-batch gets the step's sample again."""
+
+    def write_at_sample(model, opt):
+        opt = opt.optimizer
+        opt.sample_()
+        with torch.no_grad():
+            model.transformer.h[0].attn.qkv.weight.add_(1.0)
+        opt.restore_()
+
+    new = fabric_accumulate(tokens, write_at_sample)
+    with monkeypatch.context() as m:
+        old_schedule(m)
+        old = fabric_accumulate(tokens, write_at_sample)
+    for a, b in zip(new[1], old[1], strict=True):
+        assert_same_weights(a, b)
+    assert_same_weights(new[2], old[2])

@@ -62,6 +62,7 @@ from lightning_lowprec.optim.counter_rng import (
     fold_high,
     normal_pair,
 )
+from lightning_lowprec.optim.spare import Spare
 from lightning_lowprec.posterior import sampled_params, track
 
 __all__ = ["INITS", "LMD", "LogMedians"]
@@ -527,7 +528,10 @@ class LMD(LowPrecisionOptimizer):
 
     **Memory** (fp32 state regardless of the parameter dtype): log-medians ``l+``, ``l-`` and
     one momentum, 12 bytes per parameter, i.e. AdamW's 8 plus one parameter-sized tensor;
-    ``separate_momentum=True`` adds another 4.
+    ``separate_momentum=True`` adds another 4. Sampled under gradient accumulation, each
+    sampled tensor also gets a spare buffer of its own dtype (4 bytes per fp32 parameter, not
+    part of ``state_dict``) from its first redraw within a step, so that the sample is drawn
+    once per optimizer step (:mod:`~lightning_lowprec.optim.spare`).
 
     **Non-finite gradients** skip that parameter's update (weights, medians, momentum and step
     count untouched) and count in ``optimizer.skipped_steps``.
@@ -613,6 +617,12 @@ class LMD(LowPrecisionOptimizer):
         self._sampled_draw: int | None = None
         self._drawn = False
         self._written: dict[Tensor, int] = {}
+        # Gradient accumulation (see optim/spare.py): each parameter's spare buffer, the
+        # parameters given this step's training sample, and the version of the local tensor
+        # at which it held the point estimate LMD computed (the value a spare may stash).
+        self._spares: dict[Tensor, Spare] = {}
+        self._drawn_params: set[Tensor] = set()
+        self._exact: dict[Tensor, int] = {}
         track(self)  # Fabric's plugin finds this optimizer by its parameters
 
     # -- the posterior protocol (lightning_lowprec.posterior.PosteriorOptimizer) ----------
@@ -628,7 +638,11 @@ class LMD(LowPrecisionOptimizer):
         """Write this step's sample ``theta`` into every LMD parameter that requires grad.
 
         Idempotent within a step: the noise depends only on (seed, parameter, step count),
-        so calling it again, also after :meth:`restore_`, writes the same values.
+        so calling it again, also after :meth:`restore_`, writes the same values. Under
+        gradient accumulation it is drawn once per step: from a parameter's first redraw
+        within a step on, it keeps a spare buffer (one element per element, of its dtype)
+        and the sample and the point estimate trade places instead of being recomputed
+        (:mod:`~lightning_lowprec.optim.spare`).
 
         Args:
             draw: ``None``, the training sample of this step. An integer ``k >= 0``: the
@@ -642,7 +656,7 @@ class LMD(LowPrecisionOptimizer):
             raise ValueError(f"draw must be None or an integer >= 0, got {draw!r}.")
         if self._sampled is not None and self._sampled_draw == draw:
             return
-        start, fast = time.perf_counter(), False
+        began, fast = time.perf_counter(), False
         sampled = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -657,6 +671,10 @@ class LMD(LowPrecisionOptimizer):
                     continue
                 if self._sampled is None:
                     self._adopt_write(p, group, state)
+                if draw is not None:
+                    self._forget_spare(p)
+                elif self._sample_from_spare(p, shard):
+                    continue
                 words = self._key_words(group, state["index"], state["step"], draw)
                 lp = sharded.local(state["log_median_pos"])
                 ln = sharded.local(state["log_median_neg"])
@@ -680,18 +698,25 @@ class LMD(LowPrecisionOptimizer):
                 else:
                     keys = torch.tensor(words, dtype=torch.int32, device=shard.device)
                     _sample_chunked(shard, lp, ln, keys, group["sigma"], noise, start)
+                if draw is None:
+                    self._drawn_params.add(p)
+                    if p in self._spares:
+                        self._spares[p].version = shard._version
         self._sampled, self._sampled_draw = sampled, draw
         if fast:
-            self._report_compile("sample", start)
+            self._report_compile("sample", began)
         if draw is None:
             self._drawn = True
 
     @torch.no_grad()
     def restore_(self) -> None:
-        """Write the point estimate back into the parameters that hold a sample (else no-op)."""
+        """Write the point estimate back into the parameters that hold a sample (else no-op):
+        from the spare buffer where it holds it (see :meth:`sample_`), else computed from
+        the log-medians, first stashing a training sample in the spare if one exists."""
         if self._sampled is None:
             return
         groups = {p: g for g in self.param_groups for p in g["params"]}
+        training = self._sampled_draw is None
         for p in self._sampled:
             group, state = groups[p], self.state[p]
             scale, mean = _scale(group)
@@ -699,6 +724,15 @@ class LMD(LowPrecisionOptimizer):
             shard = sharded.local(p)
             if shard.numel() == 0:
                 continue
+            spare = self._spares.get(p) if training else None
+            if spare is not None and spare.holds == "point":
+                if spare.version == shard._version:
+                    spare.swap_(shard)
+                    self._written[p], self._exact[p] = p._version, shard._version
+                    continue
+                spare.holds = None  # the sample was written over: compute, keep nothing
+            elif spare is not None and spare.version == shard._version:
+                spare.stash_(shard, "sample")
             if use_compiled(group, shard.device):
                 scale = torch.tensor(scale, dtype=torch.float32, device=shard.device)
                 compiled(_point_estimate_tensor)(
@@ -706,8 +740,33 @@ class LMD(LowPrecisionOptimizer):
                     guard=True)
             else:
                 _point_estimate_tensor(shard, lp, ln, scale, mean)
-            self._written[p] = p._version
+            self._written[p], self._exact[p] = p._version, shard._version
         self._sampled = None
+
+    def _sample_from_spare(self, p: Tensor, shard: Tensor) -> bool:
+        """Put this step's training sample into ``p`` (its local tensor ``shard``) from the
+        spare, if that holds it; else prepare the spare for the draw that follows: allocate
+        it at the first redraw within a step and stash the point estimate ``p`` holds, when
+        that is exactly LMD's. Returns whether the sample is in place."""
+        spare = self._spares.get(p)
+        exact = self._exact.get(p) == shard._version  # a shard's writes are not adopted
+        if spare is not None and spare.holds == "sample" and exact:
+            spare.swap_(shard)
+            return True
+        if spare is None and p in self._drawn_params:
+            spare = self._spares[p] = Spare(shard)
+        if spare is not None:
+            if exact:
+                spare.stash_(shard, "point")
+            else:
+                spare.holds = None
+        return False
+
+    def _forget_spare(self, p: Tensor) -> None:
+        """What ``p``'s spare holds is no longer this step's (its buffer is kept)."""
+        spare = self._spares.get(p)
+        if spare is not None:
+            spare.holds = None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the state; the parameters as they are now are taken to match the loaded
@@ -715,6 +774,14 @@ class LMD(LowPrecisionOptimizer):
         adopted."""
         super().load_state_dict(state_dict)
         self._written = {p: p._version for p in self.state}
+        self._end_of_step()
+        self._exact.clear()
+
+    def _end_of_step(self) -> None:
+        """The next sample is a new one: nothing a spare holds is valid any more."""
+        for spare in self._spares.values():
+            spare.holds = None
+        self._drawn_params.clear()
 
     def sampled_params(self) -> AbstractContextManager[None]:
         """``with optimizer.sampled_params(): loss = f(model(x)); loss.backward()``: the
@@ -742,6 +809,7 @@ class LMD(LowPrecisionOptimizer):
         finally:  # also after nonfinite="raise": the parameters get their point estimate back
             self.restore_()
             self._drawn = False
+            self._end_of_step()
         return loss
 
     def log_medians(self) -> Iterator[tuple[Tensor, LogMedians]]:
@@ -840,6 +908,7 @@ class LMD(LowPrecisionOptimizer):
         state["log_median_pos"].copy_(lp.clamp_(lmr - half, lmr + half))
         state["log_median_neg"].copy_(ln.clamp_(lmr - half, lmr + half))
         self._written[p] = p._version
+        self._forget_spare(p)
 
     def _update(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """Dispatch, as torch's AdamW does: the compiled kernel (:func:`_compiled_kernel`) on
@@ -880,8 +949,8 @@ class LMD(LowPrecisionOptimizer):
             work = _Scratch(max(_slice_numel(a[:6]) for a in args), device)
             for a, h, s in zip(args, hs, states, strict=True):
                 _single_tensor(*a, h, offset=s.get("offset"), work=work, **flags)
-        for p in map(self._owner, params):
-            self._written[p] = p._version
+        for shard, p in zip(params, map(self._owner, params), strict=True):
+            self._written[p], self._exact[p] = p._version, shard._version
         if self._sampled is not None:
             updated = {self._owner(p) for p in params}
             self._sampled = [p for p in self._sampled if p not in updated]
