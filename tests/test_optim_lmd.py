@@ -563,3 +563,34 @@ def test_the_first_compiled_sample_logs_its_own_duration(caplog):
         opt.sample_()
     took = float(re.search(r"first compiled sample took ([0-9.]+) s", caplog.text).group(1))
     assert took <= time.perf_counter() - began + 0.1
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_eager_sample_and_step_ignore_a_bf16_default_dtype(foreach):
+    """The plugin's ``param_dtype="bf16"`` (and litgpt's ``bf16-true``) sets the default dtype
+    to bf16: the eager kernels' fp32 buffers must not follow it (the noise buffer then failed
+    with an overlap error, the step's temporaries would have lost 16 bits)."""
+
+    def run() -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float32) * 0.02)
+                  for s in ((300, 70), (64,))]
+        opt = LMD(params, seed=1, compiled=False, foreach=foreach)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.float32) * 1e-3
+            opt.sample_()
+            opt.step()
+        opt.sample_()
+        return [p.detach().clone() for p in params]
+
+    expected = run()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        got = run()
+    finally:
+        torch.set_default_dtype(previous)
+    for a, b in zip(expected, got, strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        assert torch.equal(a, b)

@@ -153,7 +153,7 @@ def _sample_chunked(
         return
     flat, fp, fn = (t.view(-1) for t in tensors)
     size = min(flat.numel(), _EAGER_CHUNK)
-    xi = torch.empty(2, size, device=p.device)
+    xi = torch.empty(2, size, dtype=torch.float32, device=p.device)
     work = torch.empty(2, size, dtype=torch.int32, device=p.device)
     a = 0
     while a < flat.numel():
@@ -235,7 +235,8 @@ class _Scratch:
     against 1.0 in rounds of 20 (one thread, measured)."""
 
     def __init__(self, numel: int, device: torch.device) -> None:
-        self._slots = torch.empty(_SCRATCH_SLOTS, numel, device=device).unbind()
+        slots = torch.empty(_SCRATCH_SLOTS, numel, dtype=torch.float32, device=device)
+        self._slots = slots.unbind()
         self._views: dict[tuple[int, torch.Size], Tensor] = {}
 
     def __call__(self, slot: int, like: Tensor) -> Tensor:
