@@ -397,7 +397,7 @@ def _encode(elements: Tensor, fmt: Format) -> Tensor:
 def _decode_table(fmt: Format, device: torch.device) -> Tensor:
     """The fp32 value of every code of ``fmt`` (codes no element uses decode to NaN)."""
     magnitudes = _magnitudes(fmt)
-    table = torch.full((2**fmt.bits,), torch.nan)
+    table = torch.full((2**fmt.bits,), torch.nan, dtype=torch.float32)
     j = torch.arange(len(magnitudes))
     if fmt.element == "int":
         table[j] = magnitudes

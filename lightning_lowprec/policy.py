@@ -93,7 +93,7 @@ def layer_sqnr(
         raise ValueError("candidates must name at least one format, e.g. 'mxfp6_e2m3'.")
     names = list(layer_formats(model, formats[0], include=include, exclude=exclude))
     modules = dict(model.named_modules())
-    sums = {name: torch.zeros(len(formats), 2) for name in names}
+    sums = {name: torch.zeros(len(formats), 2, dtype=torch.float32) for name in names}
 
     def hook(name: str):
         def accumulate(module: nn.Module, args: tuple[Any, ...]) -> None:
